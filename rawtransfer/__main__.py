@@ -1,0 +1,5 @@
+"""Allow ``python -m rawtransfer``."""
+
+from rawtransfer.cli import main
+
+raise SystemExit(main())
