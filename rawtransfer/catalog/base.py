@@ -1,0 +1,147 @@
+"""The Catalog protocol: the one place that decides whether a file is transferred.
+
+One row per *content* (keyed by the packed file's SHA1, as upstream) with a state:
+
+* ``claimed``: a worker owns the transfer; ``claimed_by``/``claimed_at`` form a lease, so
+  a claim left by a crashed worker is taken over once it is stale.
+* ``done``: the copy at the destination was verified and recorded.
+* ``failed``: a permanent failure with its reason (``error``).
+* ``quarantined``: the file itself is bad; the row is keyed by the *raw* SHA1 since there
+  is no packed file.
+
+Rows that existed before rawtransfer (an upstream table after ``db upgrade``) are
+``done``. Every state change of every *source file* is also appended to an events table,
+which records what has no row of its own: a second name for content already in the
+catalog is a ``duplicate`` event. The operators' ``why`` command reads that history.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from enum import StrEnum
+from typing import Protocol
+
+
+class State(StrEnum):
+    CLAIMED = "claimed"
+    DONE = "done"
+    FAILED = "failed"
+    QUARANTINED = "quarantined"
+    DUPLICATE = "duplicate"  # recorded as an event for the second source path
+    RELEASED = "released"  # event only: a claim given back at shutdown
+    RETRY = "retry"  # event only: a transient failure, the file goes back on the queue
+
+
+# Outcomes after which a source file needs nothing more.
+TERMINAL = frozenset({State.DONE, State.FAILED, State.QUARANTINED, State.DUPLICATE})
+
+
+def utcnow() -> datetime:
+    """Naive UTC, matching upstream's ``timestamp without time zone`` columns."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who holds a claim: the host and the process."""
+
+    host: str = field(default_factory=socket.gethostname)
+    pid: int = field(default_factory=os.getpid)
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.pid}"
+
+    @staticmethod
+    def parse(text: str | None) -> Owner | None:
+        if not text or ":" not in text:
+            return None
+        host, _, pid = text.rpartition(":")
+        try:
+            return Owner(host, int(pid))
+        except ValueError:
+            return None
+
+    def looks_dead(self, other: Owner | None) -> bool:
+        """True when ``other`` is a process on this host that no longer exists."""
+        if other is None or other.host != self.host or other.pid == self.pid:
+            return False
+        try:
+            os.kill(other.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+
+@dataclass(frozen=True)
+class FileFacts:
+    """What the pipeline knows about a file when it claims or records it."""
+
+    source_filepath: str
+    raw_sha1: str
+    raw_size: int
+    file_created_at: datetime
+    packed_size: int | None = None
+    obs_date: date | None = None
+    metadata: dict[str, int | str | None] = field(default_factory=dict)
+
+
+class ClaimOutcome(StrEnum):
+    CLAIMED = "claimed"  # ours now: transfer it
+    DONE = "done"  # already transferred (by us or another name/host)
+    BUSY = "busy"  # a live claim elsewhere: try again later
+    FAILED = "failed"  # a permanent failure is recorded for this content
+
+
+@dataclass(frozen=True)
+class ClaimResult:
+    outcome: ClaimOutcome
+    source_filepath: str | None = None  # the source recorded in the existing row
+    filepath: str | None = None  # its destination path, when done
+    taken_over_from: str | None = None
+
+
+class Catalog(Protocol):
+    """Implemented by the SQLite and PostgreSQL catalogs; all calls are thread-safe."""
+
+    def check(self) -> None:
+        """Raise CatalogUnavailable unless the catalog answers now."""
+
+    def source_state(self, source_filepath: str) -> State | None:
+        """The latest recorded outcome for this source path, if any."""
+
+    def handled_sources(self, since: datetime) -> set[str]:
+        """Source paths recorded since ``since`` that need nothing more (one query)."""
+
+    def claim(
+        self, sha1: str, facts: FileFacts, owner: Owner, lease_seconds: float
+    ) -> ClaimResult:
+        """Insert a claimed row, or take over a stale one; never two live claims.
+
+        A claim is stale when its lease expired, when its owner is a process on this host
+        that no longer exists, or when the owner is ``owner`` itself: the caller makes
+        sure no other thread of its own works on this content, so such a claim is a
+        leftover of an attempt that could not release it (the catalog was away).
+        """
+
+    def mark_done(self, sha1: str, filepath: str, owner: Owner) -> None:
+        """The copy is verified: record the destination path and times."""
+
+    def mark_failed(
+        self, key: str, facts: FileFacts, state: State, reason: str, owner: Owner
+    ) -> None:
+        """Record a permanent failure (``failed`` or ``quarantined``) with its reason."""
+
+    def release(self, sha1: str, owner: Owner, reason: str) -> None:
+        """Give back a claim we hold (shutdown, transient failure)."""
+
+    def record_event(
+        self, sha1: str | None, source_filepath: str, state: State, reason: str, owner: Owner
+    ) -> None:
+        """Append one line to the file's history."""
+
+    def close(self) -> None: ...

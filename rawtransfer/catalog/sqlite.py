@@ -1,0 +1,326 @@
+"""The embedded catalog: SQLite in WAL mode in the state directory, for a single host.
+
+The table has the same shape as the PostgreSQL one (upstream columns, metadata columns,
+the extra columns), so a later move to PostgreSQL is a copy of rows. One connection is
+shared by the worker threads behind a lock: SQLite serialises writers anyway, and the
+catalog's statements are tiny next to packing and copying a frame.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from rawtransfer.catalog.base import (
+    TERMINAL,
+    ClaimOutcome,
+    ClaimResult,
+    FileFacts,
+    Owner,
+    State,
+    utcnow,
+)
+from rawtransfer.config import IDENTIFIER_RE
+from rawtransfer.errors import CatalogUnavailable, ConfigError
+
+# Another process on this host (a backfill run beside the service) may hold the write
+# lock for a moment; half a minute is far longer than any statement here takes.
+BUSY_TIMEOUT_MS = 30_000
+
+_EXTRA_COLUMNS = (
+    ("state", "text not null default 'done'"),
+    ("error", "text"),
+    ("raw_sha1", "varchar(40)"),
+    ("raw_size", "bigint"),
+    ("packed_size", "bigint"),
+    ("obs_date", "date"),
+    ("claimed_by", "text"),
+    ("claimed_at", "timestamp"),
+    ("verified_at", "timestamp"),
+    ("updated_at", "timestamp"),
+    ("attempts", "integer not null default 0"),
+)
+
+
+def _ident(name: str) -> str:
+    if not IDENTIFIER_RE.match(name):
+        raise ConfigError(f"{name!r} is not a lower-case SQL identifier")
+    return f'"{name}"'
+
+
+def _ts(value: datetime | None) -> str | None:
+    return value.isoformat(sep=" ") if value is not None else None
+
+
+class SqliteCatalog:
+    def __init__(self, path: Path, table: str, metadata_columns: tuple[str, ...] = ()) -> None:
+        self.path = path
+        self.table = table
+        self.t = _ident(table)
+        self.ev = _ident(f"{table}_events")
+        self.metadata_columns = metadata_columns
+        for c in metadata_columns:
+            _ident(c)
+        self._lock = threading.Lock()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+            )
+            self._db.execute("pragma journal_mode=wal")
+            self._db.execute("pragma synchronous=full")  # a done row must survive power loss
+            self._db.execute(f"pragma busy_timeout={BUSY_TIMEOUT_MS}")
+            self._create()
+        except (sqlite3.Error, OSError) as exc:
+            raise CatalogUnavailable(f"SQLite catalog {path}: {exc}") from None
+
+    def _create(self) -> None:
+        meta = "".join(f", {_ident(c)}" for c in self.metadata_columns)
+        extra = "".join(f", {name} {ddl}" for name, ddl in _EXTRA_COLUMNS)
+        self._db.executescript(
+            f"""
+            create table if not exists {self.t} (
+                sha1_hash varchar(40) primary key,
+                source_filepath text,
+                file_created_at timestamp,
+                file_transferred_at timestamp,
+                filepath text{meta},
+                created_at timestamp default current_timestamp not null{extra}
+            );
+            create index if not exists {_ident(self.table + "_source_idx")}
+                on {self.t} (source_filepath);
+            create index if not exists {_ident(self.table + "_state_idx")}
+                on {self.t} (state, updated_at);
+            create table if not exists {self.ev} (
+                id integer primary key autoincrement,
+                at timestamp not null,
+                sha1_hash varchar(40),
+                source_filepath text not null,
+                state text not null,
+                host text,
+                pid integer,
+                reason text
+            );
+            create index if not exists {_ident(self.table + "_events_source_idx")}
+                on {self.ev} (source_filepath, id);
+            create index if not exists {_ident(self.table + "_events_at_idx")} on {self.ev} (at);
+            """
+        )
+        have = {row[1] for row in self._db.execute(f"pragma table_info({self.t})")}
+        for c in self.metadata_columns:
+            if c not in have:
+                self._db.execute(f"alter table {self.t} add column {_ident(c)}")
+
+    def _x(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> sqlite3.Cursor:
+        try:
+            return self._db.execute(sql, params)
+        except sqlite3.OperationalError as exc:
+            raise CatalogUnavailable(f"SQLite catalog {self.path}: {exc}") from None
+
+    def check(self) -> None:
+        with self._lock:
+            self._x("select 1").fetchone()
+
+    def source_state(self, source_filepath: str) -> State | None:
+        with self._lock:
+            row = self._x(
+                f"select state from {self.t} where source_filepath = ? and state = 'done' limit 1",
+                (source_filepath,),
+            ).fetchone()
+            if row:
+                return State.DONE
+            row = self._x(
+                f"select state from {self.ev} where source_filepath = ? "
+                "order by id desc limit 1",
+                (source_filepath,),
+            ).fetchone()
+        return State(row[0]) if row else None
+
+    def handled_sources(self, since: datetime) -> set[str]:
+        terminal = tuple(str(s) for s in TERMINAL)
+        marks = ",".join("?" * len(terminal))
+        with self._lock:
+            rows = self._x(
+                f"select source_filepath from {self.t} where state = 'done' "
+                "and source_filepath is not null and coalesce(updated_at, created_at) >= ? "
+                f"union select e.source_filepath from {self.ev} e where e.at >= ? and e.id = "
+                f"(select max(id) from {self.ev} f where f.source_filepath = e.source_filepath) "
+                f"and e.state in ({marks})",
+                (_ts(since), _ts(since), *terminal),
+            ).fetchall()
+        return {r[0] for r in rows}
+
+    def claim(self, sha1: str, facts: FileFacts, owner: Owner, lease_seconds: float) -> ClaimResult:
+        now = utcnow()
+        cols = [
+            "sha1_hash",
+            "source_filepath",
+            "file_created_at",
+            "state",
+            "raw_sha1",
+            "raw_size",
+            "packed_size",
+            "obs_date",
+            "claimed_by",
+            "claimed_at",
+            "updated_at",
+            "attempts",
+        ]
+        vals: list[Any] = [
+            sha1,
+            facts.source_filepath,
+            _ts(facts.file_created_at),
+            State.CLAIMED.value,
+            facts.raw_sha1,
+            facts.raw_size,
+            facts.packed_size,
+            facts.obs_date.isoformat() if facts.obs_date else None,
+            str(owner),
+            _ts(now),
+            _ts(now),
+            1,
+        ]
+        for c in self.metadata_columns:
+            cols.append(c)
+            vals.append(facts.metadata.get(c))
+        collist = ", ".join(_ident(c) for c in cols)
+        marks = ", ".join("?" * len(cols))
+        with self._lock:
+            cur = self._x(
+                f"insert into {self.t} ({collist}) values ({marks}) "
+                "on conflict (sha1_hash) do nothing",
+                tuple(vals),
+            )
+            if cur.rowcount == 1:
+                self._event(sha1, facts.source_filepath, State.CLAIMED, "", owner, now)
+                return ClaimResult(ClaimOutcome.CLAIMED)
+            row = self._x(
+                f"select state, claimed_by, claimed_at, source_filepath, filepath "
+                f"from {self.t} where sha1_hash = ?",
+                (sha1,),
+            ).fetchone()
+            if row is None:  # deleted between the two statements: a released claim
+                return ClaimResult(ClaimOutcome.BUSY)
+            state, claimed_by, claimed_at, src, filepath = row
+            if state == State.DONE:
+                return ClaimResult(ClaimOutcome.DONE, source_filepath=src, filepath=filepath)
+            if state == State.FAILED:
+                return ClaimResult(ClaimOutcome.FAILED, source_filepath=src)
+            holder = Owner.parse(claimed_by)
+            stale = (
+                claimed_at is None
+                or datetime.fromisoformat(claimed_at) < now - timedelta(seconds=lease_seconds)
+                or owner.looks_dead(holder)
+                or holder == owner
+            )
+            if state == State.CLAIMED and not stale:
+                return ClaimResult(ClaimOutcome.BUSY, source_filepath=src)
+            # compare-and-swap on the old owner and time: exactly one taker wins
+            cur = self._x(
+                f"update {self.t} set state = ?, claimed_by = ?, claimed_at = ?, updated_at = ?, "
+                "source_filepath = ?, error = null, attempts = attempts + 1 "
+                "where sha1_hash = ? and state = ? and claimed_by is ? and claimed_at is ?",
+                (
+                    State.CLAIMED.value,
+                    str(owner),
+                    _ts(now),
+                    _ts(now),
+                    facts.source_filepath,
+                    sha1,
+                    state,
+                    claimed_by,
+                    claimed_at,
+                ),
+            )
+            if cur.rowcount != 1:
+                return ClaimResult(ClaimOutcome.BUSY, source_filepath=src)
+            reason = f"took over a stale claim of {claimed_by}"
+            self._event(sha1, facts.source_filepath, State.CLAIMED, reason, owner, now)
+            return ClaimResult(ClaimOutcome.CLAIMED, taken_over_from=claimed_by)
+
+    def mark_done(self, sha1: str, filepath: str, owner: Owner) -> None:
+        now = utcnow()
+        with self._lock:
+            cur = self._x(
+                f"update {self.t} set state = 'done', filepath = ?, file_transferred_at = ?, "
+                "verified_at = ?, updated_at = ?, error = null where sha1_hash = ? "
+                "and state = 'claimed' and claimed_by = ?",
+                (filepath, _ts(now), _ts(now), _ts(now), sha1, str(owner)),
+            )
+            if cur.rowcount != 1:
+                raise CatalogUnavailable(f"claim on {sha1} was lost before it could be recorded")
+            src = self._x(
+                f"select source_filepath from {self.t} where sha1_hash = ?", (sha1,)
+            ).fetchone()[0]
+            self._event(sha1, src, State.DONE, filepath, owner, now)
+
+    def mark_failed(
+        self, key: str, facts: FileFacts, state: State, reason: str, owner: Owner
+    ) -> None:
+        now = utcnow()
+        with self._lock:
+            self._x(
+                f"insert into {self.t} (sha1_hash, source_filepath, file_created_at, state, "
+                "error, raw_sha1, raw_size, packed_size, updated_at, claimed_by, claimed_at) "
+                "values (?, ?, ?, ?, ?, ?, ?, ?, ?, null, null) "
+                "on conflict (sha1_hash) do update set state = excluded.state, "
+                "error = excluded.error, updated_at = excluded.updated_at, claimed_by = null, "
+                "claimed_at = null where state != 'done'",
+                (
+                    key,
+                    facts.source_filepath,
+                    _ts(facts.file_created_at),
+                    state.value,
+                    reason,
+                    facts.raw_sha1,
+                    facts.raw_size,
+                    facts.packed_size,
+                    _ts(now),
+                ),
+            )
+            self._event(key, facts.source_filepath, state, reason, owner, now)
+
+    def release(self, sha1: str, owner: Owner, reason: str) -> None:
+        now = utcnow()
+        with self._lock:
+            row = self._x(
+                f"select source_filepath from {self.t} where sha1_hash = ? and state = 'claimed' "
+                "and claimed_by = ?",
+                (sha1, str(owner)),
+            ).fetchone()
+            if row is None:
+                return
+            self._x(
+                f"delete from {self.t} where sha1_hash = ? and state = 'claimed' "
+                "and claimed_by = ?",
+                (sha1, str(owner)),
+            )
+            self._event(sha1, row[0], State.RELEASED, reason, owner, now)
+
+    def record_event(
+        self, sha1: str | None, source_filepath: str, state: State, reason: str, owner: Owner
+    ) -> None:
+        with self._lock:
+            self._event(sha1, source_filepath, state, reason, owner, utcnow())
+
+    def _event(
+        self,
+        sha1: str | None,
+        source: str,
+        state: State,
+        reason: str,
+        owner: Owner,
+        at: datetime,
+    ) -> None:
+        self._x(
+            f"insert into {self.ev} (at, sha1_hash, source_filepath, state, host, pid, reason) "
+            "values (?, ?, ?, ?, ?, ?, ?)",
+            (_ts(at), sha1, source, state.value, owner.host, owner.pid, reason),
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

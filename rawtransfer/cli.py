@@ -1,0 +1,157 @@
+"""The one place that parses arguments and maps errors to exit codes.
+
+    raw-transfer SOURCE_DIR DEST [flags]        the service (or --backfill-only)
+    raw-transfer db init|upgrade [flags]        create or upgrade the catalog table
+    raw-transfer status|audit|why FILE          operators' commands
+
+Exit codes: 0 all done; 1 some files failed or were quarantined; 2 usage or configuration
+error; 3 a required resource unreachable at start; 128+N on signal N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rawtransfer import __version__
+from rawtransfer import log as logsetup
+from rawtransfer.config import build, load_toml
+from rawtransfer.errors import EXIT_USAGE, RawTransferError
+
+log = logging.getLogger("rawtransfer")
+
+SUBCOMMANDS = ("status", "audit", "why", "db")
+
+HELP_EPILOG = """\
+Every flag may also be set in the TOML file given with --config, using the flag's name
+(dashes or underscores); flags override the file. Secrets come from the environment:
+RAWTRANSFER_SLACK_WEBHOOK_URL (or RAWTRANSFER_SLACK_WEBHOOK_URL_FILE), and the database
+password from ~/.pgpass or PGPASSWORD. A source directory named like a subcommand
+(status, audit, why, db) is given as ./status.
+
+exit codes: 0 all done; 1 some files failed or were quarantined; 2 usage or configuration
+error; 3 destination or catalog unreachable at start; 128+N on signal N.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one clear line, then the usual exit code 2
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    S = argparse.SUPPRESS
+    p.add_argument("--config", type=Path, default=S, help="TOML file with any of these settings.")
+    p.add_argument("--state-dir", default=S, metavar="DIR",
+                   help="Where the embedded catalog and the packing spool live "
+                   "(default $XDG_STATE_HOME/rawtransfer).")
+    p.add_argument("--metadata-regex", default=S, metavar="RE",
+                   help="Regex matched against file names; its named groups fill catalog "
+                   "columns of the same names (lower-case SQL identifiers).")
+    p.add_argument("--db-host", default=S, metavar="H", help="PostgreSQL catalog host.")
+    p.add_argument("--db-user", default=S, metavar="U", help="PostgreSQL user (password from ~/.pgpass or PGPASSWORD).")
+    p.add_argument("--db-name", default=S, metavar="N", help="PostgreSQL database name.")
+    p.add_argument("--db-port", type=int, default=S, metavar="PORT", help="PostgreSQL port (default 5432).")
+    p.add_argument("--db-table", default=S, metavar="T", help="Catalog table name (a lower-case SQL identifier).")
+    p.add_argument("--db-dsn", default=S, metavar="DSN", help="A libpq connection string instead of the --db-* flags (no password in it).")
+    p.add_argument("--verbose", action="store_true", default=S, help="Debug logging.")
+    p.add_argument("--logfile", default=S, metavar="PATH", help="Log to this file as well as to standard error.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    S = argparse.SUPPRESS
+    p = _Parser(
+        prog="raw-transfer",
+        description="Move raw FITS frames from SOURCE_DIR into a YYYY/MM/DD archive at DEST: "
+        "checked, packed losslessly with fpack, claimed by SHA1 in a catalog, copied "
+        "atomically and verified at the destination.",
+        epilog=HELP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("source_dir", nargs="?", default=S, metavar="SOURCE_DIR",
+                   help="The directory watched, recursively.")
+    p.add_argument("dest", nargs="?", default=S, metavar="DEST",
+                   help="user@host:/path, host:/path (an ssh alias) or a local /path.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _add_common(p)
+    p.add_argument("--patterns", nargs="+", default=S, metavar="GLOB",
+                   help="File names to take, glob-style (default '*.fits').")
+    p.add_argument("--header-card", default=S, metavar="NAME",
+                   help="FITS header card whose date places the file (default DATE-OBS).")
+    p.add_argument("--copy-timeout", type=float, default=S, metavar="S",
+                   help="Seconds one copy may take before it is abandoned and retried (default 60).")
+    p.add_argument("--workers", type=int, default=S, metavar="N", help="Worker threads (default 4).")
+    p.add_argument("--ssh-controlmaster", action="store_true", default=S,
+                   help="Reuse SSH connections: one persistent connection per worker.")
+    p.add_argument("--known-hosts", default=S, metavar="FILE",
+                   help="known_hosts file for the destination's host key (default the user's).")
+    p.add_argument("--canary-interval", type=float, default=S, metavar="S",
+                   help="Seconds between checks that destination and catalog are reachable.")
+    p.add_argument("--backfill-interval", type=float, default=S, metavar="S",
+                   help="Seconds between scans for files that were missed.")
+    p.add_argument("--backfill-hours", type=float, default=S, metavar="H",
+                   help="How far back (file mtime) a backfill looks (default 12).")
+    p.add_argument("--backfill-recency-window", type=float, default=S, metavar="S",
+                   help="Files younger than this are left to the watcher (not with --backfill-only).")
+    p.add_argument("--overwrite-unpacked-interval", type=float, default=S, metavar="S",
+                   help="Seconds between passes replacing verified originals by their .fz.")
+    p.add_argument("--overwrite-unpacked-hours", type=float, default=S, metavar="H",
+                   help="How far back that pass looks.")
+    p.add_argument("--overwrite-unpacked-recency-window", type=float, default=S, metavar="S",
+                   help="Originals younger than this are kept.")
+    p.add_argument("--keep-source", action="store_true", default=S,
+                   help="Never replace or delete local originals.")
+    p.add_argument("--patience", type=float, default=S, metavar="S",
+                   help="Seconds a file's size and mtime must be unchanged before it is taken (default 5).")
+    p.add_argument("--polling", action="store_true", default=S,
+                   help="Poll the source instead of inotify (for network filesystems).")
+    p.add_argument("--slack-webhook-url", default=S, metavar="URL",
+                   help="Slack webhook for alerts (better: RAWTRANSFER_SLACK_WEBHOOK_URL).")
+    p.add_argument("--backfill-only", action="store_true", default=S,
+                   help="One catch-up pass over --backfill-hours, a summary, then exit.")
+    p.add_argument("--host-id", default=S, metavar="NAME",
+                   help="This host's name in catalog claims (default the host name).")
+    return p
+
+
+def _settings_values(ns: argparse.Namespace) -> tuple[dict[str, Any], frozenset[str]]:
+    flags = vars(ns)
+    values: dict[str, Any] = {}
+    if "config" in flags:
+        values.update(load_toml(flags.pop("config")))
+    values.update(flags)
+    return values, frozenset(values)
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> int:
+    print(f"raw-transfer: error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in SUBCOMMANDS:
+        from rawtransfer.ops.commands import run_subcommand
+
+        return run_subcommand(args)
+    ns = build_parser().parse_args(args)
+    try:
+        values, explicit = _settings_values(ns)
+        settings = build(values)
+        logsetup.setup(settings.verbose, settings.logfile)
+        from rawtransfer.service import Service
+
+        return Service(settings, explicit).run()
+    except RawTransferError as exc:
+        log.debug("stopping on %r", exc)
+        return _fail(str(exc), exc.exit_code)
+    except OSError as exc:
+        return _fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), EXIT_USAGE)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""The Destination protocol: where packed files are published and verified.
+
+Publishing is atomic and never clobbers: the bytes go to a temporary name in the target
+directory, are flushed, then linked to the final name, which fails if that name exists.
+An existing file with the same content counts as done (doing a finished file again is a
+success); a different one is a conflict and is never overwritten.
+"""
+
+from __future__ import annotations
+
+import threading
+from enum import StrEnum
+from pathlib import Path, PurePosixPath
+from typing import Protocol
+
+# Temporary names at the destination: hidden, and unlike any FITS pattern.
+TMP_SUFFIX = ".rt-tmp"
+# Chunk size for local copies and for checking the stop event between chunks.
+CHUNK = 1 << 20
+FILE_MODE = 0o640
+DIR_MODE = 0o750
+
+
+class Published(StrEnum):
+    NEW = "published"
+    PRESENT = "already present"
+
+
+class Destination(Protocol):
+    """Implemented by the local-directory and SFTP destinations."""
+
+    def check(self) -> None:
+        """Raise DestinationUnavailable unless the archive root is reachable and writable."""
+
+    def publish(
+        self, local: Path, rel: PurePosixPath, sha1: str, stop: threading.Event
+    ) -> Published:
+        """Put ``local`` at ``rel`` under the root, atomically, without clobbering."""
+
+    def sha1(self, rel: PurePosixPath) -> str | None:
+        """SHA1 of the file at ``rel`` computed at the destination; None if absent."""
+
+    def full_path(self, rel: PurePosixPath) -> str:
+        """The path recorded in the catalog's ``filepath`` column."""
+
+    def close(self) -> None: ...

@@ -1,0 +1,37 @@
+"""Logging, set up once at the entry point: one line per event, journald-friendly.
+
+Under systemd (``JOURNAL_STREAM`` set) the time stamp is left to the journal; the level
+and thread name are always there, and file names are escaped by the callers (names.q),
+so every event stays on one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import sys
+from pathlib import Path
+
+FORMAT = "%(levelname)s [%(threadName)s] %(name)s: %(message)s"
+
+
+def setup(verbose: bool = False, logfile: Path | None = None) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    level = logging.DEBUG if verbose else logging.INFO
+    root.setLevel(level)
+    stream = logging.StreamHandler(sys.stderr)
+    fmt = FORMAT if os.environ.get("JOURNAL_STREAM") else "%(asctime)s " + FORMAT
+    stream.setFormatter(logging.Formatter(fmt))
+    root.addHandler(stream)
+    if logfile is not None:
+        logfile.parent.mkdir(parents=True, exist_ok=True)
+        # WatchedFileHandler reopens the file when logrotate moves it away
+        fh = logging.handlers.WatchedFileHandler(logfile)
+        fh.setFormatter(logging.Formatter("%(asctime)s " + FORMAT))
+        root.addHandler(fh)
+    # the libraries' chatter is debugging material, not events
+    for noisy in ("watchdog", "paramiko", "psycopg", "urllib3", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.INFO)

@@ -1,0 +1,64 @@
+"""Subcommands sharing the service's configuration flags."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from rawtransfer.config import SETTING_NAMES, load_toml, validate_metadata_regex
+from rawtransfer.errors import EXIT_USAGE, RawTransferError
+
+LATER = {
+    "status": "raw-transfer status arrives with the operators' issue",
+    "audit": "raw-transfer audit arrives with the operators' issue",
+    "why": "raw-transfer why FILE arrives with the operators' issue",
+}
+
+
+def _db_parser() -> argparse.ArgumentParser:
+    from rawtransfer.cli import _add_common, _Parser
+
+    p = _Parser(prog="raw-transfer db", description="Create or upgrade the catalog table.")
+    p.add_argument("action", choices=("init", "upgrade"))
+    _add_common(p)
+    return p
+
+
+def run_subcommand(args: list[str]) -> int:
+    name = args[0]
+    if name in LATER:
+        print(f"raw-transfer: error: {LATER[name]}", file=sys.stderr)
+        return EXIT_USAGE
+    ns = _db_parser().parse_args(args[1:])
+    values: dict[str, Any] = {}
+    flags = vars(ns)
+    action = flags.pop("action")
+    if "config" in flags:
+        values.update(load_toml(flags.pop("config")))
+    values.update(flags)
+    values = {k: v for k, v in values.items() if k in SETTING_NAMES}
+    try:
+        return _db(action, values)
+    except RawTransferError as exc:
+        print(f"raw-transfer: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+def _db(action: str, values: dict[str, Any]) -> int:
+    from rawtransfer.catalog.sqlite import SqliteCatalog
+    from rawtransfer.config import IDENTIFIER_RE, Settings
+    from rawtransfer.errors import ConfigError
+
+    validate_metadata_regex(values.get("metadata_regex"))
+    table = values.get("db_table", "rawtransfer")
+    if not IDENTIFIER_RE.match(table):
+        raise ConfigError(f"--db-table {table!r} is not a lower-case SQL identifier")
+    if values.get("db_host") or values.get("db_name") or values.get("db_dsn"):
+        raise ConfigError("the PostgreSQL catalog arrives with issue #3")
+    s = Settings(source_dir=Path("."), dest=None, **values)  # type: ignore[arg-type]
+    cat = SqliteCatalog(s.state_dir / "catalog.sqlite3", s.db_table, s.metadata_columns)
+    cat.close()
+    print(f"raw-transfer: catalog {s.state_dir / 'catalog.sqlite3'} table {s.db_table} is ready ({action})")
+    return 0

@@ -1,0 +1,123 @@
+"""Turn the source directory into queued paths: a full scan, and watchdog events.
+
+Only regular files whose *name* matches one of the patterns are queued; links are never
+followed, hidden files (editors' and rsync's temporaries, our own) are left alone.
+Reading a file produces opened and closed-without-write events: those are ignored, so
+the service's own reads never queue anything.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import re
+import stat
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from watchdog.events import (
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from rawtransfer.queue import WorkQueue
+
+log = logging.getLogger(__name__)
+
+# How often the polling observer (network filesystems) lists the tree.
+POLL_INTERVAL = 5.0
+
+
+class Matcher:
+    def __init__(self, patterns: tuple[str, ...]) -> None:
+        self._re = re.compile("|".join(fnmatch.translate(p) for p in patterns))
+
+    def __call__(self, name: str) -> bool:
+        return not name.startswith(".") and self._re.match(name) is not None
+
+
+def scan(
+    root: Path, matcher: Matcher, newer_than: float | None = None
+) -> Iterator[tuple[Path, float]]:
+    """Regular files under ``root`` matching the patterns, with their mtimes."""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not matcher(name):
+                continue
+            path = Path(dirpath, name)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                log.warning("skipped %r: not a regular file (links are not followed)", str(path))
+                continue
+            if newer_than is not None and st.st_mtime < newer_than:
+                continue
+            yield path, st.st_mtime
+
+
+class Handler(FileSystemEventHandler):  # type: ignore[misc]
+    def __init__(self, queue: WorkQueue, matcher: Matcher) -> None:
+        self.queue = queue
+        self.matcher = matcher
+        self.last_event = time.monotonic()
+
+    def _take(self, raw: str | bytes, *, closed: bool) -> None:
+        path = Path(os.fsdecode(raw))
+        if self.matcher(path.name):
+            self.last_event = time.monotonic()
+            self.queue.put(path, closed=closed)
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.is_directory:
+            return
+        if isinstance(event, FileMovedEvent):
+            self._take(event.dest_path, closed=True)
+        elif isinstance(event, FileClosedEvent):  # closed after writing
+            self._take(event.src_path, closed=True)
+        elif isinstance(event, FileCreatedEvent | FileModifiedEvent):
+            self._take(event.src_path, closed=False)
+        # FileOpenedEvent, FileClosedNoWriteEvent, deletions: nothing to do
+
+
+def make_observer(polling: bool) -> BaseObserver:
+    return PollingObserver(timeout=POLL_INTERVAL) if polling else Observer()
+
+
+def start_observer(
+    root: Path, queue: WorkQueue, matcher: Matcher, polling: bool
+) -> tuple[BaseObserver, Handler]:
+    observer = make_observer(polling)
+    handler = Handler(queue, matcher)
+    observer.schedule(handler, str(root), recursive=True)
+    observer.daemon = True
+    observer.start()
+    return observer, handler
+
+
+def queue_scan(
+    root: Path,
+    queue: WorkQueue,
+    matcher: Matcher,
+    newer_than: float | None,
+    handled: Callable[[str], bool],
+) -> int:
+    """Queue every matching file not already handled; returns how many were queued."""
+    n = 0
+    for path, _mtime in scan(root, matcher, newer_than):
+        if handled(str(path)):
+            continue
+        if queue.put(path):
+            n += 1
+    return n

@@ -1,0 +1,162 @@
+"""The worker pool: take a path, process it, classify the outcome, retry or give up.
+
+Workers stop through an Event; they never sleep, they wait on the queue. A file that
+could not be finished because a resource was away goes back on the queue with an
+exponential, jittered, capped back-off; everything else ends in a recorded state.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rawtransfer.names import q
+from rawtransfer.pipeline import Context, Outcome, Result, process_one
+from rawtransfer.queue import Item, WorkQueue
+
+log = logging.getLogger(__name__)
+
+# Back-off for files whose step failed because a resource was away: first retry after
+# about 2 s, doubling, never more than 5 minutes apart (the canary resumes sooner).
+BACKOFF_BASE = 2.0
+BACKOFF_CAP = 300.0
+# In a one-off run nobody is waiting for the resource to come back all night: a file is
+# given up (and reported) after this many attempts.
+BURST_MAX_ATTEMPTS = 5
+# How long a worker waits on an empty queue before it looks at the stop event again.
+POLL_SECONDS = 0.5
+JOIN_TIMEOUT = 30.0
+
+
+def backoff(attempt: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP) -> float:
+    """Full-jitter exponential back-off (as dramatiq's compute_backoff)."""
+    ceiling = min(cap, base * (2 ** min(attempt, 30)))
+    return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not cryptography
+
+
+@dataclass
+class Stats:
+    """Counts for the summary, status lines and exit code; thread-safe."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    failures: list[tuple[Path, str, str]] = field(default_factory=list)
+    raw_bytes: int = 0
+    packed_bytes: int = 0
+    started: float = field(default_factory=time.monotonic)
+    last_done: str = ""
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, outcome: Outcome) -> None:
+        with self._lock:
+            self.counts[outcome.result.value] += 1
+            if outcome.result == Result.DONE:
+                self.raw_bytes += outcome.raw_size
+                self.packed_bytes += outcome.packed_size
+                self.last_done = outcome.path.name
+            if outcome.result in (Result.FAILED, Result.QUARANTINED):
+                self.failures.append((outcome.path, outcome.result.value, outcome.reason))
+
+    def given_up(self, path: Path, reason: str) -> None:
+        with self._lock:
+            self.counts["not done"] += 1
+            self.failures.append((path, "not done", reason))
+
+    @property
+    def any_failed(self) -> bool:
+        return bool(self.failures)
+
+
+class Pool:
+    def __init__(
+        self,
+        ctx: Context,
+        queue: WorkQueue,
+        workers: int,
+        stats: Stats,
+        on_outcome: Callable[[Outcome], None] | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.queue = queue
+        self.stats = stats
+        self.on_outcome = on_outcome
+        self._threads = [
+            threading.Thread(target=self._run, name=f"worker-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        self.last_beat = time.monotonic()
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def alive(self) -> bool:
+        return all(t.is_alive() for t in self._threads)
+
+    def join(self, timeout: float = JOIN_TIMEOUT) -> bool:
+        end = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, end - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)
+
+    def _run(self) -> None:
+        while not self.ctx.stop.is_set():
+            self.last_beat = time.monotonic()
+            item = self.queue.get(timeout=POLL_SECONDS)
+            if item is None:
+                if self.ctx.burst and self.queue.idle():
+                    return
+                continue
+            try:
+                self._one(item)
+            except Exception:
+                log.exception("%s: internal error; the file is left as it is", q(item.path))
+                self.stats.given_up(item.path, "internal error (see log)")
+            finally:
+                self.queue.done(item)
+
+    def _one(self, item: Item) -> None:
+        started = time.monotonic()
+        outcome = process_one(item.path, self.ctx, closed=item.closed)
+        elapsed = time.monotonic() - started
+        r = outcome.result
+        name = q(item.path)
+        if r == Result.DONE:
+            ratio = outcome.raw_size / outcome.packed_size if outcome.packed_size else 0
+            log.info(
+                "done %s -> %s (%d bytes, packed %.2fx, %.2f s)",
+                name, outcome.dest, outcome.raw_size, ratio, elapsed,
+            )
+        elif r in (Result.QUARANTINED, Result.FAILED):
+            log.error("%s %s: %s", r.value, name, outcome.reason)
+        elif r == Result.DUPLICATE:
+            log.warning("duplicate %s: %s", name, outcome.reason)
+        elif r == Result.SKIPPED:
+            log.warning("skipped %s: %s", name, outcome.reason)
+        elif r == Result.ALREADY_DONE:
+            log.debug("already done %s", name)
+        elif r == Result.WAIT:
+            log.debug("waiting for %s: %s", name, outcome.reason)
+            self.queue.put(item.path, delay=outcome.delay, attempt=item.attempt)
+            return
+        elif r in (Result.RETRY, Result.BUSY):
+            if self.ctx.stop.is_set():
+                return  # shutting down: a rescan at the next start finds it again
+            if self.ctx.burst and item.attempt + 1 >= BURST_MAX_ATTEMPTS:
+                log.error("giving up on %s after %d attempts: %s", name, item.attempt + 1, outcome.reason)
+                self.stats.given_up(item.path, outcome.reason)
+                return
+            delay = max(outcome.delay, backoff(item.attempt))
+            log.warning("%s %s in %.0f s: %s", "retrying" if r == Result.RETRY else "deferring", name, delay, outcome.reason)
+            self.queue.put(item.path, delay=delay, attempt=item.attempt + 1)
+            if self.on_outcome:
+                self.on_outcome(outcome)
+            return
+        self.stats.add(outcome)
+        if self.on_outcome:
+            self.on_outcome(outcome)
