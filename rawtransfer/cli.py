@@ -46,20 +46,50 @@ class _Parser(argparse.ArgumentParser):
 def _add_common(p: argparse.ArgumentParser) -> None:
     S = argparse.SUPPRESS
     p.add_argument("--config", type=Path, default=S, help="TOML file with any of these settings.")
-    p.add_argument("--state-dir", default=S, metavar="DIR",
-                   help="Where the embedded catalog and the packing spool live "
-                   "(default $XDG_STATE_HOME/rawtransfer).")
-    p.add_argument("--metadata-regex", default=S, metavar="RE",
-                   help="Regex matched against file names; its named groups fill catalog "
-                   "columns of the same names (lower-case SQL identifiers).")
+    p.add_argument(
+        "--state-dir",
+        default=S,
+        metavar="DIR",
+        help="Where the embedded catalog and the packing spool live "
+        "(default $XDG_STATE_HOME/rawtransfer).",
+    )
+    p.add_argument(
+        "--metadata-regex",
+        default=S,
+        metavar="RE",
+        help="Regex matched against file names; its named groups fill catalog "
+        "columns of the same names (lower-case SQL identifiers).",
+    )
     p.add_argument("--db-host", default=S, metavar="H", help="PostgreSQL catalog host.")
-    p.add_argument("--db-user", default=S, metavar="U", help="PostgreSQL user (password from ~/.pgpass or PGPASSWORD).")
+    p.add_argument(
+        "--db-user",
+        default=S,
+        metavar="U",
+        help="PostgreSQL user (password from ~/.pgpass or PGPASSWORD).",
+    )
     p.add_argument("--db-name", default=S, metavar="N", help="PostgreSQL database name.")
-    p.add_argument("--db-port", type=int, default=S, metavar="PORT", help="PostgreSQL port (default 5432).")
-    p.add_argument("--db-table", default=S, metavar="T", help="Catalog table name (a lower-case SQL identifier).")
-    p.add_argument("--db-dsn", default=S, metavar="DSN", help="A libpq connection string instead of the --db-* flags (no password in it).")
+    p.add_argument(
+        "--db-port", type=int, default=S, metavar="PORT", help="PostgreSQL port (default 5432)."
+    )
+    p.add_argument(
+        "--db-table",
+        default=S,
+        metavar="T",
+        help="Catalog table name (a lower-case SQL identifier).",
+    )
+    p.add_argument(
+        "--db-dsn",
+        default=S,
+        metavar="DSN",
+        help="A libpq connection string instead of the --db-* flags (no password in it).",
+    )
     p.add_argument("--verbose", action="store_true", default=S, help="Debug logging.")
-    p.add_argument("--logfile", default=S, metavar="PATH", help="Log to this file as well as to standard error.")
+    p.add_argument(
+        "--logfile",
+        default=S,
+        metavar="PATH",
+        help="Log to this file as well as to standard error.",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,49 +102,143 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=HELP_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("source_dir", nargs="?", default=S, metavar="SOURCE_DIR",
-                   help="The directory watched, recursively.")
-    p.add_argument("dest", nargs="?", default=S, metavar="DEST",
-                   help="user@host:/path, host:/path (an ssh alias) or a local /path.")
+    p.add_argument(
+        "source_dir",
+        nargs="?",
+        default=S,
+        metavar="SOURCE_DIR",
+        help="The directory watched, recursively.",
+    )
+    p.add_argument(
+        "dest",
+        nargs="?",
+        default=S,
+        metavar="DEST",
+        help="user@host:/path, host:/path (an ssh alias) or a local /path.",
+    )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _add_common(p)
-    p.add_argument("--patterns", nargs="+", default=S, metavar="GLOB",
-                   help="File names to take, glob-style (default '*.fits').")
-    p.add_argument("--header-card", default=S, metavar="NAME",
-                   help="FITS header card whose date places the file (default DATE-OBS).")
-    p.add_argument("--copy-timeout", type=float, default=S, metavar="S",
-                   help="Seconds one copy may take before it is abandoned and retried (default 60).")
-    p.add_argument("--workers", type=int, default=S, metavar="N", help="Worker threads (default 4).")
-    p.add_argument("--ssh-controlmaster", action="store_true", default=S,
-                   help="Reuse SSH connections: one persistent connection per worker.")
-    p.add_argument("--known-hosts", default=S, metavar="FILE",
-                   help="known_hosts file for the destination's host key (default the user's).")
-    p.add_argument("--canary-interval", type=float, default=S, metavar="S",
-                   help="Seconds between checks that destination and catalog are reachable.")
-    p.add_argument("--backfill-interval", type=float, default=S, metavar="S",
-                   help="Seconds between scans for files that were missed.")
-    p.add_argument("--backfill-hours", type=float, default=S, metavar="H",
-                   help="How far back (file mtime) a backfill looks (default 12).")
-    p.add_argument("--backfill-recency-window", type=float, default=S, metavar="S",
-                   help="Files younger than this are left to the watcher (not with --backfill-only).")
-    p.add_argument("--overwrite-unpacked-interval", type=float, default=S, metavar="S",
-                   help="Seconds between passes replacing verified originals by their .fz.")
-    p.add_argument("--overwrite-unpacked-hours", type=float, default=S, metavar="H",
-                   help="How far back that pass looks.")
-    p.add_argument("--overwrite-unpacked-recency-window", type=float, default=S, metavar="S",
-                   help="Originals younger than this are kept.")
-    p.add_argument("--keep-source", action="store_true", default=S,
-                   help="Never replace or delete local originals.")
-    p.add_argument("--patience", type=float, default=S, metavar="S",
-                   help="Seconds a file's size and mtime must be unchanged before it is taken (default 5).")
-    p.add_argument("--polling", action="store_true", default=S,
-                   help="Poll the source instead of inotify (for network filesystems).")
-    p.add_argument("--slack-webhook-url", default=S, metavar="URL",
-                   help="Slack webhook for alerts (better: RAWTRANSFER_SLACK_WEBHOOK_URL).")
-    p.add_argument("--backfill-only", action="store_true", default=S,
-                   help="One catch-up pass over --backfill-hours, a summary, then exit.")
-    p.add_argument("--host-id", default=S, metavar="NAME",
-                   help="This host's name in catalog claims (default the host name).")
+    p.add_argument(
+        "--patterns",
+        nargs="+",
+        default=S,
+        metavar="GLOB",
+        help="File names to take, glob-style (default '*.fits').",
+    )
+    p.add_argument(
+        "--header-card",
+        default=S,
+        metavar="NAME",
+        help="FITS header card whose date places the file (default DATE-OBS).",
+    )
+    p.add_argument(
+        "--copy-timeout",
+        type=float,
+        default=S,
+        metavar="S",
+        help="Seconds one copy may take before it is abandoned and retried (default 60).",
+    )
+    p.add_argument(
+        "--workers", type=int, default=S, metavar="N", help="Worker threads (default 4)."
+    )
+    p.add_argument(
+        "--ssh-controlmaster",
+        action="store_true",
+        default=S,
+        help="Reuse SSH connections: one persistent connection per worker.",
+    )
+    p.add_argument(
+        "--known-hosts",
+        default=S,
+        metavar="FILE",
+        help="known_hosts file for the destination's host key (default the user's).",
+    )
+    p.add_argument(
+        "--canary-interval",
+        type=float,
+        default=S,
+        metavar="S",
+        help="Seconds between checks that destination and catalog are reachable.",
+    )
+    p.add_argument(
+        "--backfill-interval",
+        type=float,
+        default=S,
+        metavar="S",
+        help="Seconds between scans for files that were missed.",
+    )
+    p.add_argument(
+        "--backfill-hours",
+        type=float,
+        default=S,
+        metavar="H",
+        help="How far back (file mtime) a backfill looks (default 12).",
+    )
+    p.add_argument(
+        "--backfill-recency-window",
+        type=float,
+        default=S,
+        metavar="S",
+        help="Files younger than this are left to the watcher (not with --backfill-only).",
+    )
+    p.add_argument(
+        "--overwrite-unpacked-interval",
+        type=float,
+        default=S,
+        metavar="S",
+        help="Seconds between passes replacing verified originals by their .fz.",
+    )
+    p.add_argument(
+        "--overwrite-unpacked-hours",
+        type=float,
+        default=S,
+        metavar="H",
+        help="How far back that pass looks.",
+    )
+    p.add_argument(
+        "--overwrite-unpacked-recency-window",
+        type=float,
+        default=S,
+        metavar="S",
+        help="Originals younger than this are kept.",
+    )
+    p.add_argument(
+        "--keep-source",
+        action="store_true",
+        default=S,
+        help="Never replace or delete local originals.",
+    )
+    p.add_argument(
+        "--patience",
+        type=float,
+        default=S,
+        metavar="S",
+        help="Seconds a file's size and mtime must be unchanged before it is taken (default 5).",
+    )
+    p.add_argument(
+        "--polling",
+        action="store_true",
+        default=S,
+        help="Poll the source instead of inotify (for network filesystems).",
+    )
+    p.add_argument(
+        "--slack-webhook-url",
+        default=S,
+        metavar="URL",
+        help="Slack webhook for alerts (better: RAWTRANSFER_SLACK_WEBHOOK_URL).",
+    )
+    p.add_argument(
+        "--backfill-only",
+        action="store_true",
+        default=S,
+        help="One catch-up pass over --backfill-hours, a summary, then exit.",
+    )
+    p.add_argument(
+        "--host-id",
+        default=S,
+        metavar="NAME",
+        help="This host's name in catalog claims (default the host name).",
+    )
     return p
 
 

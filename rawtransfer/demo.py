@@ -43,9 +43,18 @@ def main(argv: list[str] | None = None) -> int:
         os.utime(f, (past, past))
     print(f"demo: {len(frames) + 2} frames in {src} (one duplicate, one corrupted)\n")
     cmd = [
-        sys.executable, "-m", "rawtransfer", str(src), str(archive),
-        "--backfill-only", "--patterns", "*.fits", "--state-dir", str(state),
-        "--metadata-regex", r"t(?P<tel>\d)_r(?P<run>\d+)_ut(?P<ut>\d)\.fits",
+        sys.executable,
+        "-m",
+        "rawtransfer",
+        str(src),
+        str(archive),
+        "--backfill-only",
+        "--patterns",
+        "*.fits",
+        "--state-dir",
+        str(state),
+        "--metadata-regex",
+        r"t(?P<tel>\d)_r(?P<run>\d+)_ut(?P<ut>\d)\.fits",
     ]
     print("$ raw-transfer " + " ".join(cmd[3:]) + "\n", flush=True)
     rc = subprocess.run(cmd, check=False).returncode

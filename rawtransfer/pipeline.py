@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from rawtransfer.catalog.base import TERMINAL, Catalog, ClaimOutcome, FileFacts, Owner, State
 from rawtransfer.config import Settings
@@ -107,7 +107,9 @@ def _facts(path: Path, raw_sha1: str, st: settle.Ready, **kw: object) -> FileFac
     )
 
 
-def _reject(ctx: Context, path: Path, st: settle.Ready | None, exc: FileRejected | FileFailed) -> Outcome:
+def _reject(
+    ctx: Context, path: Path, st: settle.Ready | None, exc: FileRejected | FileFailed
+) -> Outcome:
     """Record a permanent per-file failure, keyed by the raw SHA1 (there is no packed file)."""
     try:
         raw_sha1 = hashing.sha1_file(path)
@@ -187,7 +189,7 @@ def _process(path: Path, ctx: Context, closed: bool) -> Outcome:
 
 
 def _transfer(
-    path: Path, ctx: Context, sha1: str, facts: FileFacts, packed: Path, rel: place.PurePosixPath
+    path: Path, ctx: Context, sha1: str, facts: FileFacts, packed: Path, rel: PurePosixPath
 ) -> Outcome:
     if not ctx.enter(sha1):
         return Outcome(Result.BUSY, path, reason="same content in flight here", delay=1.0)

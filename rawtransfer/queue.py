@@ -39,7 +39,9 @@ class WorkQueue:
         self._closed = False
 
     # producers -------------------------------------------------------------------
-    def put(self, path: Path, *, closed: bool = False, delay: float = 0.0, attempt: int = 0) -> bool:
+    def put(
+        self, path: Path, *, closed: bool = False, delay: float = 0.0, attempt: int = 0
+    ) -> bool:
         """Queue ``path`` (due after ``delay`` seconds). False if it was already queued."""
         with self._cond:
             item = Item(path, closed, attempt)

@@ -106,15 +106,20 @@ class Service:
             if name in self.explicit:
                 log.warning("--%s accepted: %s", name.replace("_", "-"), why)
         check_source(s.source_dir)
-        spool = s.state_dir / "spool"
-        spool.mkdir(parents=True, exist_ok=True)
-        if n := clean_spool(spool):
-            log.info("removed %d stale temporary files from %s", n, spool)
         destination = make_destination(s)
-        destination.check()
+        try:
+            destination.check()
+        except BaseException:
+            destination.close()
+            raise
+        # nothing is written anywhere before the checks above have passed
         catalog = make_catalog(s)
         try:
             catalog.check()
+            spool = s.state_dir / "spool"
+            spool.mkdir(parents=True, exist_ok=True)
+            if n := clean_spool(spool):
+                log.info("removed %d stale temporary files from %s", n, spool)
             ctx = Context(
                 settings=s,
                 catalog=catalog,

@@ -57,8 +57,12 @@ def write_frame(
     return path
 
 
-def write_float_frame(path: Path, shape: tuple[int, int] = (256, 256), seed: int = 0,
-                      date_obs: str = "2026-11-24T22:00:00") -> Path:
+def write_float_frame(
+    path: Path,
+    shape: tuple[int, int] = (256, 256),
+    seed: int = 0,
+    date_obs: str = "2026-11-24T22:00:00",
+) -> Path:
     rng = np.random.default_rng(seed)
     hdu = fits.PrimaryHDU(rng.normal(0.0, 1.0, shape).astype(np.float32))
     hdu.header["DATE-OBS"] = date_obs
@@ -84,13 +88,18 @@ def write_multi_hdu(path: Path, seed: int = 0, date_obs: str = "2026-11-24T21:00
     return path
 
 
-def night(directory: Path, count: int, shape: tuple[int, int] = (512, 512),
-          start: datetime | None = None) -> list[Path]:
+def night(
+    directory: Path, count: int, shape: tuple[int, int] = (512, 512), start: datetime | None = None
+) -> list[Path]:
     """``count`` frames named like the upstream cameras' (t1_r12345_ut2.fits)."""
     start = start or datetime(2026, 11, 24, 22, 0, 0)
     out = []
     for i in range(count):
         t = start.replace(minute=(start.minute + i) % 60)
         name = f"t{1 + i % 2}_r{10000 + i}_ut{1 + i % 4}.fits"
-        out.append(write_frame(directory / name, shape, seed=i, date_obs=t.isoformat(timespec="milliseconds")))
+        out.append(
+            write_frame(
+                directory / name, shape, seed=i, date_obs=t.isoformat(timespec="milliseconds")
+            )
+        )
     return out

@@ -67,7 +67,7 @@ def scan(
             yield path, st.st_mtime
 
 
-class Handler(FileSystemEventHandler):  # type: ignore[misc]
+class Handler(FileSystemEventHandler):
     def __init__(self, queue: WorkQueue, matcher: Matcher) -> None:
         self.queue = queue
         self.matcher = matcher

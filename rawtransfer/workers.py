@@ -130,7 +130,11 @@ class Pool:
             ratio = outcome.raw_size / outcome.packed_size if outcome.packed_size else 0
             log.info(
                 "done %s -> %s (%d bytes, packed %.2fx, %.2f s)",
-                name, outcome.dest, outcome.raw_size, ratio, elapsed,
+                name,
+                outcome.dest,
+                outcome.raw_size,
+                ratio,
+                elapsed,
             )
         elif r in (Result.QUARANTINED, Result.FAILED):
             log.error("%s %s: %s", r.value, name, outcome.reason)
@@ -148,11 +152,19 @@ class Pool:
             if self.ctx.stop.is_set():
                 return  # shutting down: a rescan at the next start finds it again
             if self.ctx.burst and item.attempt + 1 >= BURST_MAX_ATTEMPTS:
-                log.error("giving up on %s after %d attempts: %s", name, item.attempt + 1, outcome.reason)
+                log.error(
+                    "giving up on %s after %d attempts: %s", name, item.attempt + 1, outcome.reason
+                )
                 self.stats.given_up(item.path, outcome.reason)
                 return
             delay = max(outcome.delay, backoff(item.attempt))
-            log.warning("%s %s in %.0f s: %s", "retrying" if r == Result.RETRY else "deferring", name, delay, outcome.reason)
+            log.warning(
+                "%s %s in %.0f s: %s",
+                "retrying" if r == Result.RETRY else "deferring",
+                name,
+                delay,
+                outcome.reason,
+            )
             self.queue.put(item.path, delay=delay, attempt=item.attempt + 1)
             if self.on_outcome:
                 self.on_outcome(outcome)

@@ -117,9 +117,7 @@ class Catalog(Protocol):
     def handled_sources(self, since: datetime) -> set[str]:
         """Source paths recorded since ``since`` that need nothing more (one query)."""
 
-    def claim(
-        self, sha1: str, facts: FileFacts, owner: Owner, lease_seconds: float
-    ) -> ClaimResult:
+    def claim(self, sha1: str, facts: FileFacts, owner: Owner, lease_seconds: float) -> ClaimResult:
         """Insert a claimed row, or take over a stale one; never two live claims.
 
         A claim is stale when its lease expired, when its owner is a process on this host

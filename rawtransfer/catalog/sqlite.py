@@ -133,8 +133,7 @@ class SqliteCatalog:
             if row:
                 return State.DONE
             row = self._x(
-                f"select state from {self.ev} where source_filepath = ? "
-                "order by id desc limit 1",
+                f"select state from {self.ev} where source_filepath = ? order by id desc limit 1",
                 (source_filepath,),
             ).fetchone()
         return State(row[0]) if row else None

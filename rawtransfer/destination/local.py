@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -81,10 +82,8 @@ class LocalDestination:
                         return self._existing(target, sha1)
                     os.rename(tmp, target)
             finally:
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
-                except FileNotFoundError:
-                    pass
             _fsync_dir(target.parent)
             return Published.NEW
         except (DestinationConflict, Interrupted):

@@ -60,5 +60,7 @@ def _db(action: str, values: dict[str, Any]) -> int:
     s = Settings(source_dir=Path("."), dest=None, **values)  # type: ignore[arg-type]
     cat = SqliteCatalog(s.state_dir / "catalog.sqlite3", s.db_table, s.metadata_columns)
     cat.close()
-    print(f"raw-transfer: catalog {s.state_dir / 'catalog.sqlite3'} table {s.db_table} is ready ({action})")
+    print(
+        f"raw-transfer: catalog {s.state_dir / 'catalog.sqlite3'} table {s.db_table} is ready ({action})"
+    )
     return 0

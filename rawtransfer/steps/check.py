@@ -38,9 +38,7 @@ def strict_astropy_warnings() -> None:
     call the filter is installed globally; checking membership first keeps it idempotent
     (pytest resets filters between tests, so this runs on every check).
     """
-    if not any(
-        f[0] == "error" and f[2] is AstropyUserWarning for f in warnings.filters
-    ):
+    if not any(f[0] == "error" and f[2] is AstropyUserWarning for f in warnings.filters):
         warnings.filterwarnings("error", category=AstropyUserWarning)
 
 
@@ -56,9 +54,12 @@ def check(path: Path) -> CheckResult:
                 data = hdu.data  # reads (and for compressed HDUs decompresses) the data
                 if isinstance(hdu, fits.CompImageHDU):
                     packed = True
-                elif hdu.is_image and data is not None and np.issubdtype(
-                    np.asarray(data).dtype, np.floating
-                ) and int(hdu.header.get("BITPIX", 0)) < 0:
+                elif (
+                    hdu.is_image
+                    and data is not None
+                    and np.issubdtype(np.asarray(data).dtype, np.floating)
+                    and int(hdu.header.get("BITPIX", 0)) < 0
+                ):
                     float_images = True
                 headers.append(hdu.header.copy())
     except FileRejected:

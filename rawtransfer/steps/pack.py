@@ -13,7 +13,6 @@ the original's before anything relies on it.
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import uuid
 from pathlib import Path
@@ -59,22 +58,35 @@ def clean_spool(spool: Path) -> int:
 
 
 def pack(source: Path, spool: Path, *, float_images: bool) -> Path:
-    """fpack ``source`` into a new file in ``spool``, verify it, return its path."""
+    """fpack ``source`` into a new file in ``spool``, verify it, return its path.
+
+    The file goes to fpack on standard input and comes back on standard output: CFITSIO
+    reads file *names* with its extended syntax (``x.fits[1]``, ``$VAR``, ``(out)``...),
+    so a camera's file name must never reach it.
+    """
     out = spool_name(spool, source)
-    src = os.path.abspath(source)  # absolute, so a name starting with '-' is not a flag
-    cmd = [*fpack_args(float_images), "-O", str(out), src]
+    cmd = [*fpack_args(float_images), "-S", "-"]
     try:
-        proc = subprocess.run(
-            cmd, capture_output=True, timeout=FPACK_TIMEOUT, check=False, text=True
-        )
+        with open(source, "rb") as inp, open(out, "xb") as outp:
+            proc = subprocess.run(
+                cmd,
+                stdin=inp,
+                stdout=outp,
+                stderr=subprocess.PIPE,
+                timeout=FPACK_TIMEOUT,
+                check=False,
+            )
     except subprocess.TimeoutExpired:
         out.unlink(missing_ok=True)
         raise PackError(f"{q(source)}: fpack took longer than {FPACK_TIMEOUT:.0f} s") from None
-    except FileNotFoundError:
-        raise PackError("fpack is not installed (apt-get install libcfitsio-bin)") from None
-    if proc.returncode != 0 or not out.exists():
+    except FileNotFoundError as exc:
         out.unlink(missing_ok=True)
-        msg = " ".join((proc.stderr or proc.stdout).split())[:300]
+        if exc.filename == "fpack" or not Path(source).exists():
+            raise PackError("fpack is not installed (apt-get install libcfitsio-bin)") from None
+        raise
+    if proc.returncode != 0 or out.stat().st_size == 0:
+        out.unlink(missing_ok=True)
+        msg = " ".join(proc.stderr.decode(errors="replace").split())[:300]
         raise PackError(f"{q(source)}: fpack exited {proc.returncode}: {msg}")
     try:
         verify_packed(source, out)
@@ -85,7 +97,9 @@ def pack(source: Path, spool: Path, *, float_images: bool) -> Path:
 
 
 def _data_hdus(hdul: fits.HDUList) -> list[fits.hdu.base._BaseHDU]:
-    return [h for h in hdul if int(h.header.get("NAXIS", 0)) > 0 or isinstance(h, fits.CompImageHDU)]
+    return [
+        h for h in hdul if int(h.header.get("NAXIS", 0)) > 0 or isinstance(h, fits.CompImageHDU)
+    ]
 
 
 def _image_bytes(hdu: fits.hdu.base._BaseHDU) -> tuple[str, bytes]:
@@ -105,9 +119,10 @@ def _raw_data(path: Path, hdu: fits.hdu.base._BaseHDU) -> bytes:
 def verify_packed(original: Path, packed: Path) -> None:
     """Raise PackError unless every HDU of ``packed`` holds exactly ``original``'s data."""
     try:
-        with fits.open(original, do_not_scale_image_data=True, memmap=False) as a, fits.open(
-            packed, do_not_scale_image_data=True, memmap=False
-        ) as b:
+        with (
+            fits.open(original, do_not_scale_image_data=True, memmap=False) as a,
+            fits.open(packed, do_not_scale_image_data=True, memmap=False) as b,
+        ):
             ha, hb = _data_hdus(a), _data_hdus(b)
             if len(ha) != len(hb):
                 raise PackError(

@@ -74,7 +74,7 @@ def fits_expected_size(path: Path) -> int:
         while pos < size:
             fh.seek(pos)
             first = fh.read(80)
-            if index == 0 and not first.startswith(b"SIMPLE  =") :
+            if index == 0 and not first.startswith(b"SIMPLE  ="):
                 raise FileRejected(f"{q(path)}: not a FITS file (no SIMPLE card)")
             if index > 0 and not first.startswith(b"XTENSION="):
                 if first.strip(b"\x00 ") == b"" and len(first) < 80:
@@ -99,7 +99,9 @@ def fits_expected_size(path: Path) -> int:
             try:
                 dsize = data_size(header)
             except (KeyError, ValueError, TypeError) as exc:
-                raise FileRejected(f"{q(path)}: HDU {index} has a malformed size card: {exc}") from None
+                raise FileRejected(
+                    f"{q(path)}: HDU {index} has a malformed size card: {exc}"
+                ) from None
             pos = header_end + _padded(dsize)
             index += 1
     if pos > size:
@@ -117,7 +119,9 @@ def lstat_regular(path: Path) -> os.stat_result:
     return st
 
 
-def settle(path: Path, patience: float, *, closed: bool = False, now: float | None = None) -> Ready | Wait:
+def settle(
+    path: Path, patience: float, *, closed: bool = False, now: float | None = None
+) -> Ready | Wait:
     """Ready when complete; Wait(seconds) while the file may still be written.
 
     ``closed`` says a close-after-write or move-in event was seen, so there is no need
