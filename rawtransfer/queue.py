@@ -1,7 +1,7 @@
 """A de-duplicating, pausable, delay-aware work queue of source paths. No I/O.
 
 * A path is pending at most once; putting it again only makes it due sooner when the new
-  put says the file was closed after writing.
+  put says the file was closed after writing (or moved in).
 * A path put while a worker holds it is remembered and handed out again when the worker
   is done with it, so an event during processing is never lost.
 * ``pause()`` stops hand-outs between files (workers finish what they hold);
@@ -52,11 +52,12 @@ class WorkQueue:
             due = self._clock() + max(delay, 0.0)
             if path in self._pending:
                 prev = self._pending[path]
-                if closed and not prev.closed:
-                    self._pending[path] = Item(path, True, prev.attempt)
-                    due = self._clock()
-                if due >= self._due[path]:
+                # only a close-after-write makes a pending file due sooner: a stream of
+                # modify events from a slow writer must not spin a worker on it
+                if not (closed and not prev.closed):
                     return False
+                self._pending[path] = Item(path, True, prev.attempt)
+                due = self._clock()
             else:
                 self._pending[path] = item
             self._due[path] = due

@@ -208,11 +208,14 @@ def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
     return proc.wait(60)
 
 
-def test_watcher_takes_moved_in_and_slowly_written_files(tree: Tree, tmp_path: Path) -> None:
+@pytest.mark.parametrize("observer", ["inotify", "polling"])
+def test_watcher_takes_moved_in_and_slowly_written_files(
+    tree: Tree, tmp_path: Path, observer: str
+) -> None:
     # a file that arrived while the service was down is found by the start-up scan
     early = synth.write_frame(tree.src / "early.fits", (96, 96), seed=1)
     tree.settled(early)
-    proc, log = _start_watcher(tree)
+    proc, log = _start_watcher(tree, *(["--polling"] if observer == "polling" else []))
     try:
         expected = {"early.fits.fz": early}
         # atomic moves: written under a hidden name, renamed into place

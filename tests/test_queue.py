@@ -88,3 +88,11 @@ def test_many_threads_each_path_once() -> None:
     for t in threads:
         t.join(10)
     assert sorted(seen) == sorted(paths)
+
+
+def test_modify_events_do_not_make_a_waiting_file_due() -> None:
+    q = WorkQueue()
+    q.put(A, delay=60)
+    for _ in range(100):
+        assert not q.put(A)  # a slow writer's modify events
+    assert q.get(timeout=0.05) is None
