@@ -112,6 +112,9 @@ class Settings:
     overwrite_unpacked_hours: float = 12.0
     overwrite_unpacked_recency_window: float = 7200.0
     keep_source: bool = False
+    alert_after: float = 300.0
+    alert_interval: float = 300.0
+    stop_grace: float = 30.0
     patience: float = 5.0
     polling: bool = False
     logfile: Path | None = None
@@ -182,6 +185,7 @@ def validate(s: Settings) -> None:
         raise ConfigError(f"--workers must be between 1 and 256, not {s.workers}")
     for name in (
         "copy_timeout",
+        "alert_interval",
         "canary_interval",
         "backfill_interval",
         "overwrite_unpacked_interval",
@@ -190,6 +194,8 @@ def validate(s: Settings) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")
     for name in (
         "patience",
+        "alert_after",
+        "stop_grace",
         "backfill_hours",
         "backfill_recency_window",
         "overwrite_unpacked_hours",

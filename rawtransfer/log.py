@@ -35,3 +35,16 @@ def setup(verbose: bool = False, logfile: Path | None = None) -> None:
     # the libraries' chatter is debugging material, not events
     for noisy in ("watchdog", "paramiko", "psycopg", "urllib3", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.INFO)
+
+
+def reopen() -> None:
+    """Reopen log files (SIGHUP), for log rotation without copytruncate."""
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler):
+            h.acquire()
+            try:
+                if h.stream:
+                    h.stream.close()
+                h.stream = h._open()
+            finally:
+                h.release()

@@ -16,47 +16,46 @@ from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
-from rawtransfer.catalog.base import TERMINAL, Catalog, Owner
+from rawtransfer.catalog.base import Catalog, Owner
 from rawtransfer.catalog.sqlite import SqliteCatalog
 from rawtransfer.config import LocalDest, Settings
 from rawtransfer.destination.base import Destination
 from rawtransfer.destination.local import LocalDestination
+from rawtransfer import log as logsetup
+from rawtransfer.alerts import Alerter, NullAlerter, SlackAlerter
 from rawtransfer.errors import EXIT_FILES_FAILED, EXIT_OK, ConfigError
 from rawtransfer.names import q
-from rawtransfer.pipeline import Context
+from rawtransfer.pipeline import Context, Outcome, Result
 from rawtransfer.queue import WorkQueue
+from rawtransfer.sdnotify import Notifier, watchdog_interval
 from rawtransfer.steps.pack import clean_spool
-from rawtransfer.watch import Matcher, queue_scan, start_observer
+from rawtransfer.timers import Backfill, Canary, Periodic
+from rawtransfer.watch import Matcher, OverflowWatch, start_observer
 from rawtransfer.workers import Pool, Stats
 
 log = logging.getLogger(__name__)
 
 # How often the watcher-mode main loop looks at the observer's health.
 HEALTH_INTERVAL = 5.0
-# In-flight files get this long to finish after SIGTERM before they are abandoned
-# (temporary files removed, claims released); well inside systemd's TimeoutStopSec.
-STOP_GRACE = 30.0
+# After the grace period, abandoned copies get this long to clean up (remove their
+# temporary files, release their claims) before the process exits anyway.
+STOP_GRACE = 15.0
 
 # Flags that are accepted for compatibility but whose feature arrives with a later issue.
 # Each is announced in one line at start-up when given, never silently ignored.
 LATER: dict[str, str] = {
-    "canary_interval": "the canary timer arrives with the service issue (#4)",
-    "backfill_interval": "periodic backfill in watcher mode arrives with the service issue (#4)",
-    "backfill_recency_window": "periodic backfill in watcher mode arrives with issue #4",
     "overwrite_unpacked_interval": "tidying of originals arrives with issue #4; sources are kept",
     "overwrite_unpacked_hours": "tidying of originals arrives with issue #4; sources are kept",
     "overwrite_unpacked_recency_window": "tidying arrives with issue #4; sources are kept",
-    "slack_webhook_url": "Slack alerts arrive with issue #4; problems are logged only",
     "ssh_controlmaster": "SSH destinations (and their persistent connections) arrive with #3",
 }
 
 
 def make_catalog(s: Settings) -> Catalog:
     if s.uses_postgres:
-        raise ConfigError(
-            "the PostgreSQL catalog (--db-host/--db-name/--db-dsn) arrives with issue #3; "
-            "without those flags the embedded SQLite catalog is used"
-        )
+        from rawtransfer.catalog.postgres import PostgresCatalog
+
+        return PostgresCatalog.from_settings(s)
     return SqliteCatalog(s.state_dir / "catalog.sqlite3", s.db_table, s.metadata_columns)
 
 
@@ -64,6 +63,12 @@ def make_destination(s: Settings) -> Destination:
     if isinstance(s.dest, LocalDest):
         return LocalDestination(s.dest.path)
     raise ConfigError(f"SSH destinations ({s.dest}) arrive with issue #3; use a local path")
+
+
+def make_alerter(s: Settings) -> Alerter:
+    if s.slack_webhook_url:
+        return SlackAlerter(s.slack_webhook_url, host=s.host_id, interval=s.alert_interval)
+    return NullAlerter()
 
 
 def check_source(path: Path) -> None:
@@ -79,10 +84,12 @@ class Service:
     def __init__(self, settings: Settings, explicit: frozenset[str] = frozenset()) -> None:
         self.s = settings
         self.explicit = explicit
-        self.stop = threading.Event()
+        self.stop = threading.Event()  # stop taking new files
+        self.abort = threading.Event()  # abandon copies in progress
         self.signum: int | None = None
         self.queue = WorkQueue()
         self.stats = Stats()
+        self.notifier = Notifier()
 
     # signals ---------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -94,10 +101,14 @@ class Service:
         self.stop.set()
         self.queue.wake()
 
+    def _on_hup(self, signum: int, frame: FrameType | None) -> None:
+        logsetup.reopen()
+
     def install_signals(self) -> None:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
+            signal.signal(signal.SIGHUP, self._on_hup)
 
     # run -------------------------------------------------------------------------
     def run(self, out: TextIO = sys.stdout) -> int:
@@ -125,7 +136,7 @@ class Service:
                 catalog=catalog,
                 destination=destination,
                 spool=spool,
-                stop=self.stop,
+                stop=self.abort,
                 owner=Owner(host=s.host_id),
                 burst=s.backfill_only,
             )
@@ -136,30 +147,39 @@ class Service:
         finally:
             catalog.close()
             destination.close()
-
-    def _handled(self, catalog: Catalog, since: float) -> set[str]:
-        from datetime import UTC, datetime
-
-        return catalog.handled_sources(datetime.fromtimestamp(since, UTC).replace(tzinfo=None))
+            self.notifier.close()
 
     def _scan(self, ctx: Context) -> int:
-        s = self.s
-        since = time.time() - s.backfill_hours * 3600
-        handled = self._handled(ctx.catalog, since)
-        return queue_scan(
-            s.source_dir, self.queue, Matcher(s.patterns), since, handled.__contains__
-        )
+        """Queue every matching file of the last --backfill-hours not yet handled."""
+        return Backfill(
+            self.s.source_dir,
+            Matcher(self.s.patterns),
+            ctx.catalog,
+            self.queue,
+            self.s.backfill_hours,
+            recency_window=0.0,
+        )()
+
+    def _drain(self, pool: Pool) -> None:
+        """Ordered shutdown of the workers: finish, or abandon cleanly after a grace."""
+        self.stop.set()
+        self.queue.close()
+        self.queue.wake()
+        if not pool.join(self.s.stop_grace):
+            log.warning("abandoning copies still in progress after %.0f s", self.s.stop_grace)
+            self.abort.set()
+            pool.join(STOP_GRACE)
 
     def _burst(self, ctx: Context, out: TextIO) -> int:
         s = self.s
         n = self._scan(ctx)
         log.info("backfill: %d files to look at under %s", n, q(s.source_dir))
         self.queue.close()
-        pool = Pool(ctx, self.queue, s.workers, self.stats)
+        pool = Pool(ctx, self.queue, s.workers, self.stats, stop=self.stop)
         pool.start()
         while not pool.join(timeout=0.5):
             if self.stop.is_set():
-                pool.join(STOP_GRACE)
+                self._drain(pool)
                 break
         self._summary(out, ctx)
         if self.signum is not None:
@@ -169,30 +189,78 @@ class Service:
     def _watch(self, ctx: Context) -> int:
         s = self.s
         matcher = Matcher(s.patterns)
+        alerter = make_alerter(s)
+        canary = Canary(ctx.destination, ctx.catalog, self.queue, alerter, s.alert_after)
+        canary_timer = Periodic("canary", s.canary_interval, canary, self.stop)
+        backfill = Backfill(
+            s.source_dir,
+            matcher,
+            ctx.catalog,
+            self.queue,
+            s.backfill_hours,
+            s.backfill_recency_window,
+        )
+        backfill_timer = Periodic(
+            "backfill", s.backfill_interval, backfill, self.stop, run_first=False
+        )
+        rescan = Periodic("rescan", 24 * 3600.0, lambda: self._scan(ctx), self.stop, run_first=True)
+
+        def on_outcome(outcome: Outcome) -> None:
+            if outcome.result == Result.RETRY:
+                canary_timer.poke()  # pause the queue now rather than at the next tick
+            elif outcome.result in (Result.QUARANTINED, Result.FAILED):
+                alerter.alert(
+                    f"file {outcome.result.value}", f"{q(outcome.path)}: {outcome.reason}"
+                )
+
         observer, _handler = start_observer(s.source_dir, self.queue, matcher, s.polling)
-        pool = Pool(ctx, self.queue, s.workers, self.stats)
+        overflow = OverflowWatch(rescan.poke)
+        pool = Pool(ctx, self.queue, s.workers, self.stats, on_outcome, stop=self.stop)
+        threads = [canary_timer, backfill_timer, rescan]
         pool.start()
+        for t in threads:
+            t.start()
         try:
-            n = self._scan(ctx)
-            log.info("watching %s; %d files queued by the start-up scan", q(s.source_dir), n)
-            while not self.stop.wait(HEALTH_INTERVAL):
+            log.info("watching %s -> %s", q(s.source_dir), s.dest)
+            self.notifier.ready(self._status(canary))
+            wd = watchdog_interval()
+            tick = min(HEALTH_INTERVAL, wd) if wd else HEALTH_INTERVAL
+            while not self.stop.wait(tick):
                 if not observer.is_alive():
                     log.error("the file watcher died; restarting it and rescanning")
                     observer, _handler = start_observer(
                         s.source_dir, self.queue, matcher, s.polling
                     )
-                    self._scan(ctx)
+                    rescan.poke()
+                # systemd restarts a service whose watchdog is not fed: feed it only
+                # while every worker and the observer are alive
+                if pool.alive() and observer.is_alive():
+                    self.notifier.watchdog()
+                self.notifier.status(self._status(canary))
         finally:
+            self.notifier.stopping()
             # producers first, then the workers; whatever is still queued in memory is
             # found again by the start-up scan next time
+            overflow.close()
             observer.stop()
             observer.join(STOP_GRACE)
             self.stop.set()
-            self.queue.close()
-            self.queue.wake()
-            pool.join(STOP_GRACE)
+            for t in threads:
+                t.shutdown()
+            self._drain(pool)
+            alerter.close()
         log.info("stopped (signal %s)", self.signum)
         return EXIT_OK
+
+    def _status(self, canary: Canary) -> str:
+        pending, inflight = self.queue.depth()
+        c = self.stats.counts
+        text = f"{pending} queued, {inflight} in flight, {c['done']} done"
+        if not canary.healthy:
+            text += "; PAUSED: " + ", ".join(f"{k} unavailable" for k in canary.down_since)
+        if self.stats.last_done:
+            text += f"; last {self.stats.last_done}"
+        return text
 
     def _summary(self, out: TextIO, ctx: Context) -> None:
         st = self.stats
@@ -219,6 +287,3 @@ class Service:
         print(f"  archive: {self.s.dest}", file=out)
         if isinstance(ctx.catalog, SqliteCatalog):
             print(f"  catalog: {ctx.catalog.path} (table {self.s.db_table})", file=out)
-
-
-__all__ = ["TERMINAL", "Service"]

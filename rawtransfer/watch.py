@@ -91,6 +91,32 @@ class Handler(FileSystemEventHandler):
         # FileOpenedEvent, FileClosedNoWriteEvent, deletions: nothing to do
 
 
+class OverflowWatch(logging.Handler):
+    """Calls ``on_overflow`` when watchdog reports an inotify queue overflow.
+
+    watchdog only logs that events were lost (and rebuilds its watches); it does not
+    replay them, so the service must rescan the source itself.
+    """
+
+    LOGGER = "watchdog.observers.inotify_c"
+
+    def __init__(self, on_overflow: Callable[[], None]) -> None:
+        super().__init__(logging.WARNING)
+        self.on_overflow = on_overflow
+        self.seen = 0
+        logging.getLogger(self.LOGGER).addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in record.getMessage().lower():
+            self.seen += 1
+            log.error("inotify queue overflowed: events were lost; rescanning the source")
+            self.on_overflow()
+
+    def close(self) -> None:
+        logging.getLogger(self.LOGGER).removeHandler(self)
+        super().close()
+
+
 def make_observer(polling: bool) -> BaseObserver:
     return PollingObserver(timeout=POLL_INTERVAL) if polling else Observer()
 

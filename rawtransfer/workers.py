@@ -80,8 +80,13 @@ class Pool:
         workers: int,
         stats: Stats,
         on_outcome: Callable[[Outcome], None] | None = None,
+        *,
+        stop: threading.Event | None = None,
     ) -> None:
         self.ctx = ctx
+        # workers leave after the file in hand once ``stop`` is set; ``ctx.stop`` (abort)
+        # makes them abandon even that one
+        self.stop = stop or ctx.stop
         self.queue = queue
         self.stats = stats
         self.on_outcome = on_outcome
@@ -105,7 +110,7 @@ class Pool:
         return not any(t.is_alive() for t in self._threads)
 
     def _run(self) -> None:
-        while not self.ctx.stop.is_set():
+        while not self.stop.is_set():
             self.last_beat = time.monotonic()
             item = self.queue.get(timeout=POLL_SECONDS)
             if item is None:
@@ -149,7 +154,7 @@ class Pool:
             self.queue.put(item.path, delay=outcome.delay, attempt=item.attempt)
             return
         elif r in (Result.RETRY, Result.BUSY):
-            if self.ctx.stop.is_set():
+            if self.stop.is_set():
                 return  # shutting down: a rescan at the next start finds it again
             if self.ctx.burst and item.attempt + 1 >= BURST_MAX_ATTEMPTS:
                 log.error(

@@ -168,13 +168,13 @@ def test_later_flags_are_announced_not_ignored(tree: Tree) -> None:
         "--backfill-only",
         "--state-dir",
         tree.state,
-        "--canary-interval",
-        "15",
+        "--overwrite-unpacked-hours",
+        "3",
         "--overwrite-unpacked-interval",
         "1200",
     )
     assert r.returncode == 0, r.stderr
-    assert "--canary-interval accepted: the canary timer arrives" in r.stderr
+    assert "--overwrite-unpacked-hours accepted: tidying" in r.stderr
     assert "--overwrite-unpacked-interval accepted" in r.stderr
 
 

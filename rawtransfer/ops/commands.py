@@ -55,9 +55,13 @@ def _db(action: str, values: dict[str, Any]) -> int:
     table = values.get("db_table", "rawtransfer")
     if not IDENTIFIER_RE.match(table):
         raise ConfigError(f"--db-table {table!r} is not a lower-case SQL identifier")
-    if values.get("db_host") or values.get("db_name") or values.get("db_dsn"):
-        raise ConfigError("the PostgreSQL catalog arrives with issue #3")
     s = Settings(source_dir=Path("."), dest=None, **values)  # type: ignore[arg-type]
+    if s.uses_postgres:
+        from rawtransfer.catalog import postgres
+
+        run = postgres.init_schema if action == "init" else postgres.upgrade_schema
+        print(f"raw-transfer: {run(postgres.PgTarget.from_settings(s), table, s.metadata_columns)}")
+        return 0
     cat = SqliteCatalog(s.state_dir / "catalog.sqlite3", s.db_table, s.metadata_columns)
     cat.close()
     print(

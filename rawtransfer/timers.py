@@ -1,0 +1,173 @@
+"""Periodic threads of the service: canary, backfill (and, later, tidy).
+
+Each waits on the service's stop Event rather than sleeping, so shutdown is immediate,
+and can be poked to run at once (a failed copy pokes the canary; an inotify overflow
+pokes the backfill).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from rawtransfer.alerts import Alerter
+from rawtransfer.catalog.base import Catalog
+from rawtransfer.destination.base import Destination
+from rawtransfer.errors import ResourceUnavailable
+from rawtransfer.queue import WorkQueue
+from rawtransfer.watch import Matcher, scan
+
+log = logging.getLogger(__name__)
+
+JOIN_TIMEOUT = 30.0
+
+
+class Periodic(threading.Thread):
+    """Run ``fn`` every ``interval`` seconds (and at once when poked) until ``stop``."""
+
+    def __init__(
+        self,
+        name: str,
+        interval: float,
+        fn: Callable[[], object],
+        stop: threading.Event,
+        *,
+        run_first: bool = True,
+    ) -> None:
+        super().__init__(name=name, daemon=True)
+        self.interval = interval
+        self.fn = fn
+        self.stop = stop
+        self._poke = threading.Event()
+        self._run_first = run_first
+        self.runs = 0
+
+    def poke(self) -> None:
+        self._poke.set()
+
+    def run(self) -> None:
+        first = self._run_first
+        while not self.stop.is_set():
+            if not first:
+                self._poke.wait(self.interval)
+                if self.stop.is_set():
+                    return
+            first = False
+            self._poke.clear()
+            try:
+                self.fn()
+            except Exception:
+                log.exception("%s failed; trying again in %.0f s", self.name, self.interval)
+            self.runs += 1
+
+    def shutdown(self) -> None:
+        self._poke.set()
+        self.join(JOIN_TIMEOUT)
+
+
+class Canary:
+    """Pause the queue while the destination or the catalog is away; resume after.
+
+    Nothing is failed while a resource is down: files wait in the queue (and new ones
+    keep arriving into it). An outage longer than ``alert_after`` seconds is alerted
+    once, and its end is announced as resolved.
+    """
+
+    def __init__(
+        self,
+        destination: Destination,
+        catalog: Catalog,
+        queue: WorkQueue,
+        alerter: Alerter,
+        alert_after: float,
+    ) -> None:
+        self.checks: dict[str, Callable[[], None]] = {
+            "destination": destination.check,
+            "catalog": catalog.check,
+        }
+        self.queue = queue
+        self.alerter = alerter
+        self.alert_after = alert_after
+        self.down_since: dict[str, float] = {}
+        self.alerted: set[str] = set()
+        self.reasons: dict[str, str] = {}
+
+    @property
+    def healthy(self) -> bool:
+        return not self.down_since
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        for name, check in self.checks.items():
+            try:
+                check()
+            except ResourceUnavailable as exc:
+                self.reasons[name] = str(exc)
+                if name not in self.down_since:
+                    self.down_since[name] = now
+                    log.error("%s unavailable, pausing transfers: %s", name, exc)
+                if now - self.down_since[name] >= self.alert_after and name not in self.alerted:
+                    self.alerted.add(name)
+                    self.alerter.alert(
+                        f"{name} down",
+                        f"{name} unavailable for {now - self.down_since[name]:.0f} s: {exc}",
+                    )
+            else:
+                if name in self.down_since:
+                    down = now - self.down_since.pop(name)
+                    log.warning("%s is back after %.0f s", name, down)
+                    if name in self.alerted:
+                        self.alerted.discard(name)
+                        self.alerter.resolve(f"{name} down", f"{name} back after {down:.0f} s")
+        if self.down_since:
+            if not self.queue.paused:
+                self.queue.pause()
+        elif self.queue.paused:
+            log.info("destination and catalog reachable: transfers resume")
+            self.queue.resume()
+        return self.healthy
+
+
+class Backfill:
+    """Queue files modified in the window that have no finished catalog row.
+
+    One query for the handled set, then a directory scan: never a query per file. Files
+    younger than the recency window are left to the watcher. Stale claims and retryable
+    failures have no terminal state, so they are found here too.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        matcher: Matcher,
+        catalog: Catalog,
+        queue: WorkQueue,
+        hours: float,
+        recency_window: float,
+    ) -> None:
+        self.root = root
+        self.matcher = matcher
+        self.catalog = catalog
+        self.queue = queue
+        self.hours = hours
+        self.recency_window = recency_window
+
+    def __call__(self) -> int:
+        now = time.time()
+        since = now - self.hours * 3600
+        handled = self.catalog.handled_sources(
+            datetime.fromtimestamp(since, UTC).replace(tzinfo=None)
+        )
+        n = 0
+        for path, mtime in scan(self.root, self.matcher, since):
+            if mtime > now - self.recency_window or str(path) in handled:
+                continue
+            if self.queue.put(path):
+                n += 1
+        if n:
+            log.info("backfill: queued %d files that had been missed", n)
+        return n
