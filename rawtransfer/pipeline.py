@@ -130,6 +130,9 @@ def process_one(path: Path, ctx: Context, *, closed: bool = False) -> Outcome:
         return Outcome(Result.RETRY, path, reason=str(exc))
     except Interrupted as exc:
         return Outcome(Result.RETRY, path, reason=str(exc))
+    except FileNotFoundError:
+        # renamed or removed between steps (the rename is queued as its own event)
+        return Outcome(Result.SKIPPED, path, reason="vanished while it was processed")
 
 
 def _process(path: Path, ctx: Context, closed: bool) -> Outcome:

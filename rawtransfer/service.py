@@ -16,13 +16,13 @@ from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
+from rawtransfer import log as logsetup
+from rawtransfer.alerts import Alerter, NullAlerter, SlackAlerter
 from rawtransfer.catalog.base import Catalog, Owner
 from rawtransfer.catalog.sqlite import SqliteCatalog
 from rawtransfer.config import LocalDest, Settings
 from rawtransfer.destination.base import Destination
 from rawtransfer.destination.local import LocalDestination
-from rawtransfer import log as logsetup
-from rawtransfer.alerts import Alerter, NullAlerter, SlackAlerter
 from rawtransfer.errors import EXIT_FILES_FAILED, EXIT_OK, ConfigError
 from rawtransfer.names import q
 from rawtransfer.pipeline import Context, Outcome, Result

@@ -19,6 +19,7 @@ from pathlib import Path
 from rawtransfer.names import q
 from rawtransfer.pipeline import Context, Outcome, Result, process_one
 from rawtransfer.queue import Item, WorkQueue
+from rawtransfer.retry import is_transient
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +120,28 @@ class Pool:
                 continue
             try:
                 self._one(item)
-            except Exception:
-                log.exception("%s: internal error; the file is left as it is", q(item.path))
-                self.stats.given_up(item.path, "internal error (see log)")
+            except Exception as exc:
+                if is_transient(exc):
+                    self._retry(item, f"{type(exc).__name__}: {exc}", 0.0, retry=True)
+                else:
+                    log.exception("%s: internal error; the file is left as it is", q(item.path))
+                    self.stats.given_up(item.path, f"internal error: {type(exc).__name__}: {exc}")
             finally:
                 self.queue.done(item)
+
+    def _retry(self, item: Item, reason: str, delay: float, *, retry: bool) -> None:
+        """Back on the queue with back-off; a one-off run gives up after a few tries."""
+        name = q(item.path)
+        if self.stop.is_set():
+            return  # shutting down: the scan at the next start finds it again
+        if self.ctx.burst and item.attempt + 1 >= BURST_MAX_ATTEMPTS:
+            log.error("giving up on %s after %d attempts: %s", name, item.attempt + 1, reason)
+            self.stats.given_up(item.path, reason)
+            return
+        delay = max(delay, backoff(item.attempt))
+        verb = "retrying" if retry else "deferring"
+        log.warning("%s %s in %.0f s: %s", verb, name, delay, reason)
+        self.queue.put(item.path, delay=delay, attempt=item.attempt + 1)
 
     def _one(self, item: Item) -> None:
         started = time.monotonic()
@@ -154,23 +172,7 @@ class Pool:
             self.queue.put(item.path, delay=outcome.delay, attempt=item.attempt)
             return
         elif r in (Result.RETRY, Result.BUSY):
-            if self.stop.is_set():
-                return  # shutting down: a rescan at the next start finds it again
-            if self.ctx.burst and item.attempt + 1 >= BURST_MAX_ATTEMPTS:
-                log.error(
-                    "giving up on %s after %d attempts: %s", name, item.attempt + 1, outcome.reason
-                )
-                self.stats.given_up(item.path, outcome.reason)
-                return
-            delay = max(outcome.delay, backoff(item.attempt))
-            log.warning(
-                "%s %s in %.0f s: %s",
-                "retrying" if r == Result.RETRY else "deferring",
-                name,
-                delay,
-                outcome.reason,
-            )
-            self.queue.put(item.path, delay=delay, attempt=item.attempt + 1)
+            self._retry(item, outcome.reason, outcome.delay, retry=r == Result.RETRY)
             if self.on_outcome:
                 self.on_outcome(outcome)
             return
