@@ -228,6 +228,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="Slack webhook for alerts (better: RAWTRANSFER_SLACK_WEBHOOK_URL).",
     )
     p.add_argument(
+        "--alert-after",
+        type=float,
+        default=S,
+        metavar="S",
+        help="Alert when the destination or catalog has been down this long (default 300).",
+    )
+    p.add_argument(
+        "--alert-interval",
+        type=float,
+        default=S,
+        metavar="S",
+        help="At most one Slack message per kind of alert per this many seconds (default 300).",
+    )
+    p.add_argument(
+        "--stop-grace",
+        type=float,
+        default=S,
+        metavar="S",
+        help="On SIGTERM, files in flight get this long to finish before they are abandoned "
+        "cleanly (default 30).",
+    )
+    p.add_argument(
         "--backfill-only",
         action="store_true",
         default=S,

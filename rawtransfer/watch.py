@@ -68,13 +68,21 @@ def scan(
 
 
 class Handler(FileSystemEventHandler):
-    def __init__(self, queue: WorkQueue, matcher: Matcher) -> None:
+    def __init__(self, queue: WorkQueue, matcher: Matcher, root: Path) -> None:
         self.queue = queue
         self.matcher = matcher
+        self.root = root
         self.last_event = time.monotonic()
 
     def _take(self, raw: str | bytes, *, closed: bool) -> None:
         path = Path(os.fsdecode(raw))
+        try:
+            parts = path.relative_to(self.root).parts
+        except ValueError:
+            return
+        # hidden directories are staging areas (as in the scan): not ours to take
+        if any(p.startswith(".") for p in parts[:-1]):
+            return
         if self.matcher(path.name):
             self.last_event = time.monotonic()
             self.queue.put(path, closed=closed)
@@ -125,7 +133,7 @@ def start_observer(
     root: Path, queue: WorkQueue, matcher: Matcher, polling: bool
 ) -> tuple[BaseObserver, Handler]:
     observer = make_observer(polling)
-    handler = Handler(queue, matcher)
+    handler = Handler(queue, matcher, root)
     observer.schedule(handler, str(root), recursive=True)
     observer.daemon = True
     observer.start()

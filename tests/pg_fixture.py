@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -78,7 +79,7 @@ class PgServer:
         env["PGPASSFILE"] = str(self.passfile)
         return env
 
-    def connect(self, dbname: str | None = None) -> psycopg.Connection[tuple[object, ...]]:
+    def connect(self, dbname: str | None = None) -> psycopg.Connection[tuple[Any, ...]]:
         return psycopg.connect(
             host=self.host,
             port=self.port,
@@ -175,7 +176,9 @@ def pg_server() -> Iterator[PgServer]:
         if proc.returncode != 0:
             _fail("creating the test role and database failed", proc)
         passfile = root / "pgpass"
-        passfile.write_text(f"127.0.0.1:{port}:*:{user}:{password}\n{sock}:{port}:*:{user}:{password}\n")
+        passfile.write_text(
+            f"127.0.0.1:{port}:*:{user}:{password}\n{sock}:{port}:*:{user}:{password}\n"
+        )
         passfile.chmod(0o600)  # libpq ignores a pgpass file others can read
         yield PgServer(
             host="127.0.0.1",

@@ -13,6 +13,7 @@ started; it never skips.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import signal
@@ -113,10 +114,8 @@ class SshServer:
         """Send ``sig`` to the processes serving current connections (not the listener)."""
         pids = self.session_pids()
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
         return pids
 
     def kill_sessions(self) -> None:
@@ -260,7 +259,5 @@ def sshd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]
             proc.kill()
             proc.wait()
         for pid in sessions:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass

@@ -46,7 +46,7 @@ from rawtransfer.catalog.postgres import (
     upgrade_schema,
 )
 from rawtransfer.catalog.sqlite import SqliteCatalog
-from rawtransfer.errors import CatalogUnavailable, ConfigError
+from rawtransfer.errors import CatalogUnavailable, ConfigError, FileFailed
 from tests.pg_fixture import PgServer, PgTable
 
 RAW_TRANSFER = str(Path(sys.executable).with_name("raw-transfer"))
@@ -175,7 +175,6 @@ def other_host(name: str = "elsewhere") -> Owner:
 
 
 def dead_pid() -> int:
-    proc = subprocess.run(["true"], check=True)  # noqa: F841 - only its pid matters
     child = subprocess.Popen(["true"])
     child.wait()
     return child.pid
@@ -229,7 +228,9 @@ def test_takeover_after_lease_expired(backend: Backend) -> None:
         2,
         "/data/again.fits",
     )
-    assert backend.events("/data/again.fits") == [("claimed", f"took over a stale claim of {first}")]
+    assert backend.events("/data/again.fits") == [
+        ("claimed", f"took over a stale claim of {first}")
+    ]
     # the old holder's late mark_done must not overwrite the new claim
     with pytest.raises(CatalogUnavailable, match="lost"):
         cat.mark_done(sha("b"), "/archive/x.fz", first)
@@ -465,6 +466,11 @@ def test_upstream_table_drop_in(pg_server: PgServer, fresh_db: str) -> None:
         new = facts("/data/t2_r12345_ut3.fits", metadata={"tel": 2, "run": 12345, "ut": 3})
         assert cat.claim(sha("u"), new, me, LEASE).outcome == ClaimOutcome.CLAIMED
         cat.mark_done(sha("u"), "/archive/2026/11/24/t2_r12345_ut3.fits.fz", me)
+        # a group value that does not fit upstream's smallint is this file's failure
+        huge = facts("/data/t9_r1_ut99999.fits", metadata={"tel": 9, "run": 1, "ut": 99999})
+        with pytest.raises(FileFailed, match="out of range"):
+            cat.claim(sha("9"), huge, me, LEASE)
+        cat.check()
     finally:
         cat.close()
     with pg_server.connect(fresh_db) as conn:

@@ -373,7 +373,7 @@ class PostgresCatalog:
             with self._pool.connection() as conn, self._deadlines.guard(conn, seconds) as guard:
                 return fn(conn)
         except PoolTimeout:
-            why = f"no working connection within {POOL_TIMEOUT:g} s"
+            why = f"no working connection within {POOL_TIMEOUT:g} s (server down or hung?)"
         except PoolClosed:
             why = "the catalog is closed"
         except psycopg.DataError as exc:

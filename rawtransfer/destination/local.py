@@ -63,6 +63,8 @@ class LocalDestination:
     ) -> Published:
         target = self.root / rel
         try:
+            # never create the root: it may be an unmounted mount point on the local disk
+            self.check()
             if os.path.lexists(target):
                 return self._existing(target, sha1)
             self._makedirs(target.parent)

@@ -1,0 +1,1078 @@
+"""An archive directory on another host, reached over SSH with the SFTP protocol (paramiko).
+
+Same contract as the local destination: bytes go to a hidden temporary name in the target
+directory and are linked to the final name without clobbering (``hardlink@openssh.com``);
+an existing file with the same content counts as done, a different one is a conflict.
+The SHA1 is computed on the remote side by ``sha1sum`` over an SSH exec channel, or, on a
+server that allows SFTP only, by reading the file back.
+
+Everything happens in-process: no local shell, no ``ssh`` binary, and file names never
+reach a remote shell except quoted, after ``--``, as the one argument of ``sha1sum``.
+Host keys are checked strictly against known_hosts; an unknown or changed key is refused.
+
+Each worker thread keeps one connection (``threading.local``) and rebuilds it when it is
+lost: that is what ``--ssh-controlmaster`` means here. Every operation has a deadline
+(``--copy-timeout``); a server that stops answering fails the operation, and the
+connection is dropped and rebuilt next time.
+
+The SFTP requests are composed here rather than through ``SFTPFile``: paramiko's
+pipelined writes discard the server's replies to the last requests (a full disk would go
+unnoticed until the checksum), its generic errors lose the status code this module needs
+to tell "exists" from "unsupported", and it cannot send the OpenSSH extensions at all.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import posixpath
+import re
+import secrets
+import shlex
+import socket
+import stat
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO, ClassVar, TypeVar
+
+import paramiko
+from paramiko.sftp import (
+    CMD_ATTRS,
+    CMD_CLOSE,
+    CMD_DATA,
+    CMD_EXTENDED,
+    CMD_EXTENDED_REPLY,
+    CMD_FSETSTAT,
+    CMD_HANDLE,
+    CMD_INIT,
+    CMD_LSTAT,
+    CMD_MKDIR,
+    CMD_OPEN,
+    CMD_READ,
+    CMD_REMOVE,
+    CMD_RENAME,
+    CMD_SETSTAT,
+    CMD_STAT,
+    CMD_STATUS,
+    CMD_VERSION,
+    CMD_WRITE,
+    SFTP_CONNECTION_LOST,
+    SFTP_DESC,
+    SFTP_EOF,
+    SFTP_FAILURE,
+    SFTP_FLAG_CREATE,
+    SFTP_FLAG_EXCL,
+    SFTP_FLAG_READ,
+    SFTP_FLAG_WRITE,
+    SFTP_NO_CONNECTION,
+    SFTP_NO_SUCH_FILE,
+    SFTP_OK,
+    SFTP_OP_UNSUPPORTED,
+    SFTP_PERMISSION_DENIED,
+    int64,
+)
+
+from rawtransfer.config import RemoteDest
+from rawtransfer.destination.base import DIR_MODE, FILE_MODE, TMP_SUFFIX, Published
+from rawtransfer.errors import (
+    ConfigError,
+    DestinationConflict,
+    DestinationUnavailable,
+    Interrupted,
+)
+from rawtransfer.names import q
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# --- deadlines -------------------------------------------------------------------------
+# Each is a bound on waiting for the other side; without one, a host that drops packets
+# or a server process that stopped would block a worker forever.
+# TCP connect, SSH banner, key exchange, authentication and opening the SFTP subsystem:
+# a healthy server needs well under a second for each, a loaded one a few seconds.
+CONNECT_TIMEOUT = 15.0
+BANNER_TIMEOUT = 15.0
+AUTH_TIMEOUT = 15.0
+# After a failure or a stop request, removing the temporary file may take this long;
+# past it the temporary name is remembered and removed after the next reconnect.
+CLEANUP_TIMEOUT = 5.0
+# SSH-level keepalive on an idle connection: keeps NAT and firewall state alive through
+# the quiet hours of a night (many drop idle TCP flows after a few minutes).
+KEEPALIVE_INTERVAL = 15.0
+# How often the deadline guard looks at the stop event while an operation is running.
+GUARD_TICK = 0.25
+
+# --- tuning (measured: benchmarks/sftp_throughput.py) -----------------------------------
+# AES-GCM needs no separate MAC pass and is accelerated by AES-NI: the fastest cipher
+# paramiko has. Others stay as fallbacks for servers that lack it.
+PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr")
+PREFERRED_KEX = ("curve25519-sha256@libssh.org", "curve25519-sha256")
+# Our receive window: large enough that read-backs and replies never wait for window
+# adjustments on a long fat link (paramiko's default is 2 MiB).
+WINDOW_SIZE = 32 << 20
+# One SFTP write or read request carries this much: OpenSSH accepts 255 KiB (its
+# limits@openssh.com reply says so); paramiko's 32 KiB default costs 8x the round trips.
+REQUEST_SIZE = 255 << 10
+# Servers that are not OpenSSH and do not announce their limits get the size every SFTP
+# server must accept.
+SAFE_REQUEST_SIZE = 32 << 10
+# Bytes in flight before waiting for the server's acknowledgements: enough to fill a
+# fast link, small enough to stop within moments of a stop request.
+MAX_IN_FLIGHT = 16 << 20
+# Closing a file is a small request after a burst of large ones; with Nagle's algorithm
+# it waits for the peer's delayed ACK (about 40 ms per file).
+TCP_NODELAY = True
+
+HARDLINK = "hardlink@openssh.com"
+FSYNC = "fsync@openssh.com"
+LIMITS = "limits@openssh.com"
+
+_SHA1SUM_RE = re.compile(rb"^\\?([0-9a-f]{40}) ")
+
+# errno values that mean the path to the server is gone, not that it said no
+_LOST_ERRNOS = frozenset(
+    {
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.ECONNREFUSED,
+        errno.EPIPE,
+        errno.ETIMEDOUT,
+        errno.ENETDOWN,
+        errno.ENETUNREACH,
+        errno.EHOSTDOWN,
+        errno.EHOSTUNREACH,
+        errno.ENOTCONN,
+        errno.ESHUTDOWN,
+    }
+)
+
+
+class RemoteError(OSError):
+    """The SFTP server answered a request with an error status."""
+
+    _ERRNO: ClassVar[dict[int, int]] = {
+        SFTP_NO_SUCH_FILE: errno.ENOENT,
+        SFTP_PERMISSION_DENIED: errno.EACCES,
+        SFTP_OP_UNSUPPORTED: errno.EOPNOTSUPP,
+    }
+
+    def __init__(self, code: int, text: str, path: bytes | None = None) -> None:
+        desc = SFTP_DESC[code] if 0 <= code < len(SFTP_DESC) else f"status {code}"
+        super().__init__(self._ERRNO.get(code, errno.EIO), text or desc)
+        self.code = code
+        self.path = path
+
+    def __str__(self) -> str:
+        where = f"{q(os.fsdecode(self.path))}: " if self.path else ""
+        return f"{where}{self.strerror}"
+
+
+class HostKeyRefused(Exception):
+    """The server's host key is not the one known_hosts has for it (or none is known)."""
+
+
+def is_connection_lost(exc: BaseException) -> bool:
+    """True when ``exc`` means the connection is gone or stuck (drop it, try again later).
+
+    False when the server answered (an SFTP error status, a refused channel or login) or
+    the problem is ours: those do not get better by reconnecting.
+    """
+    if isinstance(
+        exc,
+        HostKeyRefused
+        | paramiko.AuthenticationException
+        | paramiko.BadHostKeyException
+        | paramiko.ChannelException,
+    ):
+        return False
+    if isinstance(exc, RemoteError):
+        return exc.code in (SFTP_NO_CONNECTION, SFTP_CONNECTION_LOST)
+    if isinstance(exc, socket.gaierror):
+        # "temporary failure in name resolution": the resolver is away, not the name
+        return exc.errno == socket.EAI_AGAIN
+    if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError):
+        return True  # every address refused or unreachable
+    if isinstance(exc, EOFError | TimeoutError | ConnectionError):
+        return True
+    if isinstance(exc, paramiko.SSHException | paramiko.SFTPError):
+        # transport failures ("Server connection dropped", "SSH session not active") and
+        # SFTP protocol confusion; either way the stream cannot be trusted any more
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno in _LOST_ERRNOS
+    return False
+
+
+# --- where to connect -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    """Where and as whom to connect, after ~/.ssh/config has been applied."""
+
+    alias: str
+    hostname: str
+    port: int
+    user: str
+    identities: tuple[str, ...] = ()
+    known_hosts: tuple[Path, ...] = ()
+    identities_only: bool = False
+
+    @property
+    def known_hosts_name(self) -> str:
+        """The name known_hosts files use for this host (``[host]:port`` off port 22)."""
+        return self.hostname if self.port == 22 else f"[{self.hostname}]:{self.port}"
+
+
+_MATCH_EXEC_RE = re.compile(r"^\s*match\b.*\bexec\b", re.IGNORECASE | re.MULTILINE)
+
+
+def default_ssh_config() -> Path | None:
+    path = Path.home() / ".ssh" / "config"
+    return path if path.is_file() else None
+
+
+def default_known_hosts() -> tuple[Path, ...]:
+    return (Path.home() / ".ssh" / "known_hosts", Path("/etc/ssh/ssh_known_hosts"))
+
+
+def resolve_target(
+    dest: RemoteDest,
+    ssh_config: Path | None,
+    *,
+    known_hosts: Path | None = None,
+    identity: Path | None = None,
+) -> SshTarget:
+    """Apply an ssh_config file (HostName, User, Port, IdentityFile, UserKnownHostsFile).
+
+    An explicit ``user@`` in DEST wins over the config's User, as with ``ssh``. Proxy
+    settings and ``Match exec`` need a local shell and are refused rather than ignored.
+    """
+    options: dict[str, Any] = {}
+    if ssh_config is not None:
+        try:
+            text = ssh_config.read_text()
+        except OSError as exc:
+            raise ConfigError(f"ssh config {q(ssh_config)}: {exc.strerror}") from None
+        if _MATCH_EXEC_RE.search(text):
+            raise ConfigError(f"ssh config {q(ssh_config)}: 'Match exec' would run a shell")
+        try:
+            options = dict(paramiko.SSHConfig.from_text(text).lookup(dest.host))
+        except Exception as exc:  # paramiko raises assorted errors for bad configs
+            raise ConfigError(f"ssh config {q(ssh_config)}: {exc}") from None
+    for key in ("proxycommand", "proxyjump"):
+        if key in options and str(options[key]).lower() != "none":
+            raise ConfigError(
+                f"ssh config {q(ssh_config or '')}: {key} for {dest.host} is not supported "
+                "(the destination connects directly, without a local shell)"
+            )
+    try:
+        port = int(options.get("port", 22))
+    except ValueError:
+        raise ConfigError(f"ssh config: Port {options['port']!r} is not a number") from None
+    if known_hosts is not None:
+        kh: tuple[Path, ...] = (known_hosts,)
+    elif "userknownhostsfile" in options:
+        kh = tuple(Path(p).expanduser() for p in str(options["userknownhostsfile"]).split())
+    else:
+        kh = default_known_hosts()
+    if identity is not None:
+        ids: tuple[str, ...] = (str(identity),)
+    else:
+        ids = tuple(str(Path(p).expanduser()) for p in options.get("identityfile", []))
+    return SshTarget(
+        alias=dest.host,
+        hostname=str(options.get("hostname", dest.host)),
+        port=port,
+        user=dest.user or str(options.get("user") or "") or _local_user(),
+        identities=ids,
+        known_hosts=kh,
+        identities_only=identity is not None
+        or str(options.get("identitiesonly", "no")).lower() == "yes",
+    )
+
+
+def _local_user() -> str:
+    import getpass
+
+    return getpass.getuser()
+
+
+class _RefuseUnknownHost(paramiko.RejectPolicy):  # type: ignore[misc]
+    """RejectPolicy, with the host and the offered fingerprint in the error."""
+
+    def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
+        raise HostKeyRefused(hostname, key)
+
+
+# --- one connection ---------------------------------------------------------------------
+
+
+class _SFTPClient(paramiko.SFTPClient):  # type: ignore[misc]
+    """paramiko's client, keeping the extensions the server announces (paramiko drops
+    them), so that hardlink, fsync and limits are used only where they exist."""
+
+    extensions: dict[str, bytes]
+
+    def _send_version(self) -> int:
+        msg = paramiko.Message()
+        msg.add_int(3)
+        self._send_packet(CMD_INIT, msg)
+        t, data = self._read_packet()
+        if t != CMD_VERSION:
+            raise paramiko.SFTPError("incompatible SFTP protocol")
+        reply = paramiko.Message(data)
+        version: int = reply.get_int()
+        self.extensions = {}
+        while reply.get_remainder():
+            name = reply.get_text()
+            self.extensions[name] = reply.get_binary()
+        return version
+
+
+class _Replies:
+    """Collects the replies to requests sent here; paramiko's reader hands each to
+    ``_async_response`` (the hook its own files use), in whatever order they come."""
+
+    def __init__(self) -> None:
+        self.got: dict[int, tuple[int, paramiko.Message]] = {}
+        self.ignored: set[int] = set()
+
+    def _async_response(self, t: int, msg: paramiko.Message, num: int) -> None:
+        if num in self.ignored:
+            self.ignored.discard(num)
+        else:
+            self.got[num] = (t, msg)
+
+
+@dataclass(eq=False)
+class _Connection:
+    client: paramiko.SSHClient
+    transport: paramiko.Transport
+    sock: socket.socket
+    sftp: _SFTPClient
+    request_size: int
+    op_timeout: float
+    replies: _Replies = field(default_factory=_Replies)
+    broken: bool = False
+
+    @property
+    def channel(self) -> paramiko.Channel:
+        return self.sftp.get_channel()
+
+    def alive(self) -> bool:
+        return not self.broken and bool(self.transport.is_active())
+
+    def has(self, extension: str) -> bool:
+        return extension in self.sftp.extensions
+
+    def close(self) -> None:
+        self.broken = True
+        try:
+            self.client.close()
+        finally:
+            self.sock.close()
+
+    # raw requests: send now, collect the reply later ----------------------------------
+    def send(self, t: int, *args: object) -> int:
+        num: int = self.sftp._async_request(self.replies, t, *args)
+        return num
+
+    def reply(self, num: int) -> tuple[int, paramiko.Message]:
+        got = self.replies.got
+        while num not in got:
+            self.sftp._read_response()
+        return got.pop(num)
+
+    def ignore(self, nums: list[int]) -> None:
+        """Replies we no longer care about (after a failure): drop them as they come."""
+        for num in nums:
+            if self.replies.got.pop(num, None) is None:
+                self.replies.ignored.add(num)
+
+    def status(self, num: int, path: bytes | None = None) -> None:
+        t, msg = self.reply(num)
+        if t != CMD_STATUS:
+            raise paramiko.SFTPError(f"expected a status reply, got type {t}")
+        code = msg.get_int()
+        if code != SFTP_OK:
+            raise RemoteError(code, msg.get_text(), path)
+
+    def expect(self, num: int, kind: int, path: bytes | None = None) -> paramiko.Message:
+        t, msg = self.reply(num)
+        if t == CMD_STATUS:
+            code = msg.get_int()
+            raise RemoteError(code, msg.get_text(), path)
+        if t != kind:
+            raise paramiko.SFTPError(f"expected reply type {kind}, got {t}")
+        return msg
+
+    # the few operations this module needs ---------------------------------------------
+    def lstat(self, path: bytes, follow: bool = False) -> paramiko.SFTPAttributes | None:
+        cmd = CMD_STAT if follow else CMD_LSTAT
+        try:
+            msg = self.expect(self.send(cmd, path), CMD_ATTRS, path)
+        except RemoteError as exc:
+            if exc.code == SFTP_NO_SUCH_FILE:
+                return None
+            raise
+        return paramiko.SFTPAttributes._from_msg(msg)
+
+    def open(self, path: bytes, flags: int, mode: int | None = None) -> bytes:
+        attrs = paramiko.SFTPAttributes()
+        if mode is not None:
+            attrs.st_mode = mode
+        msg = self.expect(self.send(CMD_OPEN, path, flags, attrs), CMD_HANDLE, path)
+        handle: bytes = msg.get_binary()
+        return handle
+
+    def close_handle(self, handle: bytes, path: bytes) -> None:
+        self.status(self.send(CMD_CLOSE, handle), path)
+
+    def remove(self, path: bytes) -> None:
+        try:
+            self.status(self.send(CMD_REMOVE, path), path)
+        except RemoteError as exc:
+            if exc.code != SFTP_NO_SUCH_FILE:
+                raise
+
+    def mkdir(self, path: bytes, mode: int) -> None:
+        attrs = paramiko.SFTPAttributes()
+        attrs.st_mode = mode
+        self.status(self.send(CMD_MKDIR, path, attrs), path)
+
+    def chmod(self, path: bytes, mode: int) -> None:
+        attrs = paramiko.SFTPAttributes()
+        attrs.st_mode = mode
+        self.status(self.send(CMD_SETSTAT, path, attrs), path)
+
+
+@dataclass
+class _Guard:
+    """A deadline for one operation: past it (or shortly after a stop request) the
+    connection's socket is shut down, which wakes every paramiko call blocked on it,
+    including the ones that take no timeout (opening channels, exec, exit status)."""
+
+    seconds: float
+    fired: str = ""
+
+
+# --- the destination --------------------------------------------------------------------
+
+
+class SftpDestination:
+    """``user@host:/path`` or ``alias:/path`` over SSH/SFTP; see the module docstring."""
+
+    def __init__(
+        self,
+        dest: RemoteDest,
+        *,
+        copy_timeout: float = 60.0,
+        known_hosts: Path | None = None,
+        ssh_config: Path | None = None,
+        identity: Path | None = None,
+        allow_agent: bool = True,
+        file_mode: int = FILE_MODE,
+        dir_mode: int = DIR_MODE,
+    ) -> None:
+        self.dest = dest
+        self.copy_timeout = copy_timeout
+        self.target = resolve_target(
+            dest,
+            ssh_config if ssh_config is not None else default_ssh_config(),
+            known_hosts=known_hosts,
+            identity=identity,
+        )
+        self.allow_agent = allow_agent and not self.target.identities_only
+        self.file_mode = file_mode
+        self.dir_mode = dir_mode
+        # SFTP paths without a leading slash are relative to the login directory, which
+        # is what "~/" means to scp; SFTP itself does not expand "~"
+        root = dest.path.removeprefix("~/") if dest.path != "~" else "."
+        self.root = root.rstrip("/") or "/"
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: set[_Connection] = set()
+        # temporary files a lost connection left behind; removed after a reconnect
+        self._orphans: set[bytes] = set()
+        # how the remote SHA1 is computed: None until the first file tells us
+        self.sha1_method: str | None = None
+        self._said: set[str] = set()
+
+    def __repr__(self) -> str:
+        t = self.target
+        return f"SftpDestination({t.user}@{t.hostname}:{t.port}:{self.root})"
+
+    @property
+    def where(self) -> str:
+        t = self.target
+        return f"{t.user}@{t.alias}:{self.root}"
+
+    # Destination protocol ---------------------------------------------------------------
+    def full_path(self, rel: PurePosixPath) -> str:
+        return posixpath.join(self.root, str(rel))
+
+    def check(self) -> None:
+        self._run("checking the archive root", self._check, CONNECT_TIMEOUT + self.copy_timeout)
+
+    def publish(
+        self, local: Path, rel: PurePosixPath, sha1: str, stop: threading.Event
+    ) -> Published:
+        target = os.fsencode(self.full_path(rel))
+        return self._run(
+            f"writing {q(self.full_path(rel))}",
+            lambda conn: self._publish(conn, local, target, sha1, stop),
+            self.copy_timeout,
+            stop,
+        )
+
+    def sha1(self, rel: PurePosixPath) -> str | None:
+        path = os.fsencode(self.full_path(rel))
+
+        def run(conn: _Connection) -> str | None:
+            st = conn.lstat(path)
+            return None if st is None else self._remote_sha1(conn, path)
+
+        return self._run(f"checksumming {q(self.full_path(rel))}", run, self.copy_timeout)
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._connections = self._connections, set()
+        for conn in conns:
+            conn.close()
+
+    # connections ----------------------------------------------------------------------
+    def _connection(self) -> tuple[_Connection, bool]:
+        """This thread's connection, and whether it was made just now."""
+        conn: _Connection | None = getattr(self._local, "conn", None)
+        if conn is not None and conn.alive():
+            return conn, False
+        if conn is not None:
+            self._drop(conn)
+        conn = self._connect()
+        self._local.conn = conn
+        with self._lock:
+            self._connections.add(conn)
+        self._remove_orphans(conn)
+        return conn, True
+
+    def _drop(self, conn: _Connection) -> None:
+        with self._lock:
+            self._connections.discard(conn)
+        if getattr(self._local, "conn", None) is conn:
+            self._local.conn = None
+        conn.close()
+
+    def _transport(self, sock: socket.socket, **kw: Any) -> paramiko.Transport:
+        t = paramiko.Transport(sock, default_window_size=WINDOW_SIZE, **kw)
+        opts = t.get_security_options()
+        opts.ciphers = _prefer(PREFERRED_CIPHERS, opts.ciphers)
+        opts.kex = _prefer(PREFERRED_KEX, opts.kex)
+        t.name = f"ssh-{self.target.alias}"
+        return t
+
+    def _connect(self) -> _Connection:
+        t = self.target
+        sock = socket.create_connection((t.hostname, t.port), timeout=CONNECT_TIMEOUT)
+        try:
+            if TCP_NODELAY:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # TCP keepalive as well: a peer that vanished (power cut) is noticed by the
+            # kernel even while paramiko waits for a reply
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        except OSError:
+            sock.close()
+            raise
+        client = paramiko.SSHClient()
+        # read at every connect, so that a corrected known_hosts needs no restart
+        for path in t.known_hosts:
+            if path.is_file():
+                try:
+                    client.load_system_host_keys(str(path))
+                except Exception as exc:  # paramiko raises several kinds for bad lines
+                    sock.close()
+                    raise DestinationUnavailable(f"known_hosts {q(path)}: {exc}") from None
+        client.set_missing_host_key_policy(_RefuseUnknownHost())
+        try:
+            with self._guarded(sock, _Guard(CONNECT_TIMEOUT + BANNER_TIMEOUT + AUTH_TIMEOUT)):
+                client.connect(
+                    t.hostname,
+                    port=t.port,
+                    username=t.user,
+                    key_filename=list(t.identities) or None,
+                    timeout=CONNECT_TIMEOUT,
+                    allow_agent=self.allow_agent,
+                    look_for_keys=not t.identities_only,
+                    sock=sock,
+                    banner_timeout=BANNER_TIMEOUT,
+                    auth_timeout=AUTH_TIMEOUT,
+                    channel_timeout=CONNECT_TIMEOUT,
+                    transport_factory=self._transport,
+                )
+                transport = client.get_transport()
+                transport.set_keepalive(int(KEEPALIVE_INTERVAL))
+                chan = transport.open_session(window_size=WINDOW_SIZE, timeout=CONNECT_TIMEOUT)
+                chan.settimeout(CONNECT_TIMEOUT)
+                chan.invoke_subsystem("sftp")
+                sftp = _SFTPClient(chan)
+                op_timeout = max(self.copy_timeout, 1.0)
+                chan.settimeout(op_timeout)
+                conn = _Connection(
+                    client, transport, sock, sftp, REQUEST_SIZE, op_timeout=op_timeout
+                )
+                conn.request_size = self._request_size(conn)
+        except BaseException:
+            client.close()
+            sock.close()
+            raise
+        log.debug(
+            "connected to %s@%s:%d (%s, %s; %d KiB requests; SFTP extensions: %s)",
+            t.user,
+            t.hostname,
+            t.port,
+            transport.local_cipher,
+            getattr(transport.kex_engine, "name", "?"),
+            conn.request_size >> 10,
+            ", ".join(sorted(sftp.extensions)) or "none",
+        )
+        return conn
+
+    def _request_size(self, conn: _Connection) -> int:
+        """255 KiB where the server says (or is known) to accept it, else 32 KiB."""
+        if conn.has(LIMITS):
+            msg = conn.expect(conn.send(CMD_EXTENDED, LIMITS), CMD_EXTENDED_REPLY)
+            msg.get_int64()  # max packet length
+            max_read, max_write = msg.get_int64(), msg.get_int64()
+            limit = min(x for x in (max_read, max_write, REQUEST_SIZE) if x > 0)
+            return max(limit, SAFE_REQUEST_SIZE)
+        version = str(conn.transport.remote_version or "")
+        return REQUEST_SIZE if "OpenSSH" in version else SAFE_REQUEST_SIZE
+
+    def _remove_orphans(self, conn: _Connection) -> None:
+        with self._lock:
+            orphans, self._orphans = self._orphans, set()
+        for path in orphans:
+            try:
+                conn.channel.settimeout(CLEANUP_TIMEOUT)
+                conn.remove(path)
+                log.info("removed %s left by a lost connection", q(os.fsdecode(path)))
+            except Exception:  # best effort: it stays on the list for next time
+                with self._lock:
+                    self._orphans.add(path)
+            finally:
+                conn.channel.settimeout(conn.op_timeout)
+
+    @contextmanager
+    def _guarded(
+        self, sock: socket.socket, guard: _Guard, stop: threading.Event | None = None
+    ) -> Iterator[None]:
+        seconds = guard.seconds
+        done = threading.Event()
+
+        def watch() -> None:
+            deadline = time.monotonic() + seconds
+            stop_deadline: float | None = None
+            while not done.wait(GUARD_TICK):
+                now = time.monotonic()
+                if stop is not None and stop.is_set() and stop_deadline is None:
+                    # the worker stops at its next request; give it that long to tidy up
+                    stop_deadline = now + CLEANUP_TIMEOUT
+                if now >= deadline or (stop_deadline is not None and now >= stop_deadline):
+                    guard.fired = "stop requested" if now < deadline else "deadline"
+                    with suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+                    return
+
+        watcher = threading.Thread(target=watch, name="sftp-deadline", daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            done.set()
+            watcher.join()
+
+    def _run(
+        self,
+        what: str,
+        op: Callable[[_Connection], T],
+        seconds: float,
+        stop: threading.Event | None = None,
+    ) -> T:
+        """Run ``op`` on this thread's connection within ``seconds``; map failures.
+
+        A connection that was already open may have died while idle (a server restart
+        overnight): that case is retried once on a fresh connection. A fresh connection
+        that fails, or a timeout, is not retried here: the file goes back on the queue.
+        """
+        for attempt in (1, 2):
+            if stop is not None and stop.is_set():
+                raise Interrupted(f"{what}: abandoned at shutdown")
+            try:
+                conn, fresh = self._connection()
+            except HostKeyRefused as exc:
+                raise DestinationUnavailable(self._host_key_message(exc)) from None
+            except paramiko.BadHostKeyException as exc:
+                raise DestinationUnavailable(self._changed_key_message(exc)) from None
+            except paramiko.AuthenticationException as exc:
+                t = self.target
+                raise DestinationUnavailable(
+                    f"authentication as {t.user} on {t.hostname}:{t.port} failed ({exc}); "
+                    f"keys tried: {', '.join(t.identities) or 'agent and ~/.ssh defaults'}"
+                ) from None
+            except Exception as exc:
+                if not (is_connection_lost(exc) or isinstance(exc, OSError)):
+                    raise
+                t = self.target
+                raise DestinationUnavailable(
+                    f"cannot connect to {t.hostname}:{t.port} ({t.alias}): {_describe(exc)}"
+                ) from None
+            guard = _Guard(seconds)
+            try:
+                with self._guarded(conn.sock, guard, stop):
+                    return op(conn)
+            except (DestinationConflict, DestinationUnavailable, Interrupted):
+                raise
+            except Exception as exc:
+                lost = is_connection_lost(exc) or bool(guard.fired)
+                if not lost and not isinstance(exc, OSError):
+                    raise  # a programming error: let it show
+                if lost:
+                    self._drop(conn)
+                if guard.fired == "stop requested":
+                    raise Interrupted(f"{what}: abandoned at shutdown") from None
+                if guard.fired:
+                    raise DestinationUnavailable(
+                        f"{what}: no answer from {self.target.alias} within {seconds:g} s "
+                        "(--copy-timeout); connection dropped"
+                    ) from None
+                if lost and not fresh and attempt == 1 and not isinstance(exc, TimeoutError):
+                    log.info("connection to %s lost (%s); reconnecting", self.where, exc)
+                    continue
+                raise DestinationUnavailable(f"{what}: {_describe(exc)}") from None
+        raise AssertionError("unreachable")
+
+    def _host_key_message(self, exc: HostKeyRefused) -> str:
+        name, key = exc.args
+        files = " ".join(q(p) for p in self.target.known_hosts)
+        return (
+            f"unknown host key for {name} ({self.target.alias}): the server offered "
+            f"{key.get_name()} {key.fingerprint}, which is not in {files}; refused. Check "
+            "that fingerprint with the archive host's administrator, then add the key to "
+            "known_hosts"
+        )
+
+    def _changed_key_message(self, exc: paramiko.BadHostKeyException) -> str:
+        files = " ".join(q(p) for p in self.target.known_hosts)
+        return (
+            f"host key changed for {self.target.known_hosts_name} ({self.target.alias}): the "
+            f"server offered {exc.key.get_name()} {exc.key.fingerprint}, but {files} has "
+            f"{exc.expected_key.get_name()} {exc.expected_key.fingerprint}; refused. Either "
+            "the server was reinstalled (then update known_hosts) or someone is in between"
+        )
+
+    # operations -------------------------------------------------------------------------
+    def _check(self, conn: _Connection) -> None:
+        root = os.fsencode(self.root)
+        st = conn.lstat(root, follow=True)
+        # the root is never created: that would fill an unmounted mount point
+        if st is None:
+            raise DestinationUnavailable(f"{self.where} does not exist")
+        if not stat.S_ISDIR(st.st_mode or 0):
+            raise DestinationUnavailable(f"{self.where} is not a directory")
+        # a read-only mount or a wrong owner shows here, not at the first file
+        probe = posixpath.join(root, f".rt-check.{secrets.token_hex(6)}{TMP_SUFFIX}".encode())
+        try:
+            conn.close_handle(conn.open(probe, SFTP_FLAG_WRITE | SFTP_FLAG_CREATE), probe)
+        except RemoteError as exc:
+            raise DestinationUnavailable(f"{self.where} is not writable: {exc}") from None
+        conn.remove(probe)
+
+    def _publish(
+        self, conn: _Connection, local: Path, target: bytes, sha1: str, stop: threading.Event
+    ) -> Published:
+        existing = conn.lstat(target)
+        if existing is not None:
+            return self._existing(conn, target, existing, sha1)
+        parent, name = posixpath.split(target)
+        tmp = posixpath.join(parent, b"." + name + f".{secrets.token_hex(6)}{TMP_SUFFIX}".encode())
+        handle = self._create(conn, tmp, parent)
+        try:
+            with open(local, "rb") as src:
+                self._upload(conn, handle, tmp, src, stop)
+            result = self._link(conn, tmp, target, sha1)
+        except BaseException as exc:
+            self._abandon(conn, tmp, exc)
+            raise
+        conn.remove(tmp)  # the final name holds the data now (the rename fallback left none)
+        return result
+
+    def _create(self, conn: _Connection, tmp: bytes, parent: bytes) -> bytes:
+        flags = SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_EXCL
+        try:
+            return conn.open(tmp, flags, self.file_mode)
+        except RemoteError as exc:
+            # directories are made only when the write says they are missing
+            if exc.code != SFTP_NO_SUCH_FILE:
+                raise
+        self._makedirs(conn, parent)
+        return conn.open(tmp, flags, self.file_mode)
+
+    def _makedirs(self, conn: _Connection, path: bytes) -> None:
+        root = os.fsencode(self.root)
+        rel = posixpath.relpath(path, root)
+        current = root
+        for part in rel.split(b"/"):
+            current = posixpath.join(current, part)
+            try:
+                conn.mkdir(current, self.dir_mode)
+            except RemoteError:
+                st = conn.lstat(current, follow=True)
+                if st is not None and stat.S_ISDIR(st.st_mode or 0):
+                    continue  # made a moment ago by another worker: that is fine
+                if conn.lstat(root, follow=True) is None:
+                    # never created here: that would fill an unmounted mount point
+                    raise DestinationUnavailable(f"{self.where} does not exist") from None
+                raise
+            # exact mode whatever the server's umask
+            conn.chmod(current, self.dir_mode)
+
+    def _upload(
+        self, conn: _Connection, handle: bytes, tmp: bytes, src: BinaryIO, stop: threading.Event
+    ) -> None:
+        """Pipelined writes, each acknowledgement checked; then fsync and close."""
+        pending: deque[int] = deque()
+        size = conn.request_size
+        window = max(1, MAX_IN_FLIGHT // size)
+        offset = 0
+        try:
+            # the exact mode whatever the server's umask did to the one asked at open
+            attrs = paramiko.SFTPAttributes()
+            attrs.st_mode = self.file_mode
+            pending.append(conn.send(CMD_FSETSTAT, handle, attrs))
+            while data := src.read(size):
+                if stop.is_set():
+                    raise Interrupted(f"copy to {q(os.fsdecode(tmp))} abandoned at shutdown")
+                if len(pending) >= window:
+                    conn.status(pending.popleft(), tmp)
+                pending.append(conn.send(CMD_WRITE, handle, int64(offset), data))
+                offset += len(data)
+            if conn.has(FSYNC):
+                # the source may be deleted once this copy is verified: it must be on disk
+                pending.append(conn.send(CMD_EXTENDED, FSYNC, handle))
+            while pending:
+                conn.status(pending.popleft(), tmp)
+        except BaseException as exc:
+            conn.ignore(list(pending))
+            self._tidy(conn, exc, lambda: conn.close_handle(handle, tmp))
+            raise
+        conn.close_handle(handle, tmp)
+
+    def _link(self, conn: _Connection, tmp: bytes, target: bytes, sha1: str) -> Published:
+        if conn.has(HARDLINK) and HARDLINK not in self._said:
+            try:
+                conn.status(conn.send(CMD_EXTENDED, HARDLINK, tmp, target), target)
+                return Published.NEW
+            except RemoteError as exc:
+                existing = conn.lstat(target)
+                if existing is not None:
+                    return self._existing(conn, target, existing, sha1)
+                if exc.code not in (SFTP_OP_UNSUPPORTED, SFTP_PERMISSION_DENIED):
+                    raise
+                self._say_once(
+                    HARDLINK,
+                    "%s refuses %s (%s); publishing by check-then-rename instead",
+                    self.where,
+                    HARDLINK,
+                    exc.strerror,
+                )
+        else:
+            self._say_once(
+                "no-" + HARDLINK,
+                "%s does not offer %s; publishing by check-then-rename instead",
+                self.where,
+                HARDLINK,
+            )
+        existing = conn.lstat(target)
+        if existing is not None:
+            return self._existing(conn, target, existing, sha1)
+        try:
+            # plain SFTP rename, not posix-rename: the protocol defines it to fail when the
+            # new name exists (OpenSSH implements it with link()), so the window between
+            # the check above and this rename cannot clobber on a conforming server
+            conn.status(conn.send(CMD_RENAME, tmp, target), target)
+        except RemoteError:
+            existing = conn.lstat(target)
+            if existing is not None:
+                return self._existing(conn, target, existing, sha1)
+            raise
+        return Published.NEW
+
+    def _existing(
+        self, conn: _Connection, target: bytes, st: paramiko.SFTPAttributes, sha1: str
+    ) -> Published:
+        shown = q(os.fsdecode(target))
+        if not stat.S_ISREG(st.st_mode or 0):
+            raise DestinationConflict(f"{shown} exists and is not a regular file; not replaced")
+        if self._remote_sha1(conn, target) == sha1:
+            return Published.PRESENT
+        raise DestinationConflict(f"{shown} exists with different content; not overwritten")
+
+    def _abandon(self, conn: _Connection, tmp: bytes, exc: BaseException) -> None:
+        """Remove the temporary file after a failure, or remember it if we cannot now."""
+        if not self._tidy(conn, exc, lambda: conn.remove(tmp)):
+            with self._lock:
+                self._orphans.add(tmp)
+
+    def _tidy(self, conn: _Connection, exc: BaseException, step: Callable[[], None]) -> bool:
+        """Run a clean-up step after ``exc``, briefly; False if it could not be done.
+
+        After a lost connection or a timeout the stream may stop in the middle of a packet,
+        so nothing more is sent on it: the connection is marked for rebuilding instead.
+        """
+        if is_connection_lost(exc) or not conn.alive():
+            conn.broken = True
+            return False
+        conn.channel.settimeout(CLEANUP_TIMEOUT)
+        try:
+            step()
+            return True
+        except Exception:
+            conn.broken = True
+            return False
+        finally:
+            conn.channel.settimeout(conn.op_timeout)
+
+    # remote SHA1 ------------------------------------------------------------------------
+    def _remote_sha1(self, conn: _Connection, path: bytes) -> str:
+        if self.sha1_method != "read-back":
+            digest = self._sha1sum(conn, path)
+            if digest is not None:
+                if self.sha1_method is None:
+                    self.sha1_method = "sha1sum"
+                    self._say_once(
+                        "sha1sum", "%s: SHA1 computed remotely by sha1sum", self.where, level=20
+                    )
+                return digest
+            self.sha1_method = "read-back"
+            self._say_once(
+                "read-back",
+                "%s does not run sha1sum for us (SFTP-only account?); SHA1 by reading "
+                "each file back, which doubles the traffic",
+                self.where,
+            )
+        return self._read_back_sha1(conn, path)
+
+    def _sha1sum(self, conn: _Connection, path: bytes) -> str | None:
+        """SHA1 by ``sha1sum`` on the server; None when the server will not run it."""
+        # the user's shell parses this line: the name is quoted and after "--", so no
+        # character in it (spaces, quotes, $(...), ;, a leading dash) means anything
+        command = b"sha1sum -- " + os.fsencode(shlex.quote(os.fsdecode(path)))
+        try:
+            chan = conn.transport.open_session(timeout=conn.op_timeout)
+        except paramiko.ChannelException:
+            return None  # sessions refused: SFTP is all we get
+        try:
+            chan.settimeout(conn.op_timeout)
+            try:
+                chan.exec_command(command)
+            except paramiko.SSHException:
+                if conn.transport.is_active():
+                    return None  # exec refused by the server's configuration
+                raise
+            chan.shutdown_write()
+            out = bytearray()
+            while chunk := chan.recv(1 << 16):
+                out += chunk
+            err = b""
+            while chan.recv_stderr_ready():
+                err += chan.recv_stderr(1 << 16)
+            chan.status_event.wait(conn.op_timeout)
+            status = chan.exit_status if chan.exit_status_ready() else -1
+        finally:
+            chan.close()
+        m = _SHA1SUM_RE.match(bytes(out))
+        if status == 0 and m:
+            return m.group(1).decode()
+        if status == 1 and b"No such file" in err:
+            raise RemoteError(SFTP_NO_SUCH_FILE, "vanished while being checksummed", path)
+        if status in (0, 126, 127, -1) or not err:
+            # no sha1sum there, or a forced command (internal-sftp) ran instead of ours
+            return None
+        raise RemoteError(
+            SFTP_FAILURE, f"sha1sum failed: {err.decode(errors='replace').strip()}", path
+        )
+
+    def _read_back_sha1(self, conn: _Connection, path: bytes) -> str:
+        """SHA1 by reading the file back with pipelined reads."""
+        st = conn.lstat(path, follow=True)
+        if st is None:
+            raise RemoteError(SFTP_NO_SUCH_FILE, "vanished while being checksummed", path)
+        size = st.st_size or 0
+        handle = conn.open(path, SFTP_FLAG_READ)
+        digest = hashlib.sha1()  # noqa: S324 - the catalog's key, not a security measure
+        req = conn.request_size
+        window = max(1, MAX_IN_FLIGHT // req)
+        pending: deque[tuple[int, int, int]] = deque()  # (offset, length, request)
+        next_offset = 0
+        try:
+            while next_offset < size or pending:
+                while next_offset < size and len(pending) < window:
+                    length = min(req, size - next_offset)
+                    num = conn.send(CMD_READ, handle, int64(next_offset), length)
+                    pending.append((next_offset, length, num))
+                    next_offset += length
+                offset, length, num = pending.popleft()
+                while length:
+                    t, msg = conn.reply(num)
+                    if t == CMD_STATUS:
+                        code = msg.get_int()
+                        text = "shorter than its size" if code == SFTP_EOF else msg.get_text()
+                        raise RemoteError(code, text, path)
+                    if t != CMD_DATA:
+                        raise paramiko.SFTPError(f"expected data, got reply type {t}")
+                    data = msg.get_binary()
+                    if not data:
+                        raise RemoteError(SFTP_FAILURE, "empty read", path)
+                    digest.update(data)
+                    offset, length = offset + len(data), length - len(data)
+                    if length:
+                        # a short read (allowed by the protocol): fetch the rest first,
+                        # the requests already in flight come after it
+                        num = conn.send(CMD_READ, handle, int64(offset), length)
+        except BaseException as exc:
+            conn.ignore([num for _, _, num in pending])
+            self._tidy(conn, exc, lambda: conn.close_handle(handle, path))
+            raise
+        conn.close_handle(handle, path)
+        return digest.hexdigest()
+
+    def _say_once(self, key: str, fmt: str, *args: object, level: int = logging.WARNING) -> None:
+        with self._lock:
+            if key in self._said:
+                return
+            self._said.add(key)
+        log.log(level, fmt, *args)
+
+
+def _prefer(preferred: tuple[str, ...], available: tuple[str, ...]) -> tuple[str, ...]:
+    first = tuple(x for x in preferred if x in available)
+    return first + tuple(x for x in available if x not in first)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, EOFError):
+        return "connection closed by the server"
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, OSError) and not isinstance(exc, RemoteError) and exc.strerror:
+        text = f"{q(exc.filename)}: {exc.strerror}" if exc.filename else exc.strerror
+    return text
