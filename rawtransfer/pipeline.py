@@ -197,7 +197,11 @@ def _transfer(
     if not ctx.enter(sha1):
         return Outcome(Result.BUSY, path, reason="same content in flight here", delay=1.0)
     try:
-        claim = ctx.catalog.claim(sha1, facts, ctx.owner, ctx.lease_seconds)
+        try:
+            claim = ctx.catalog.claim(sha1, facts, ctx.owner, ctx.lease_seconds)
+        except FileFailed as exc:  # the row itself is refused (a metadata value too large)
+            ctx.catalog.mark_failed(facts.raw_sha1, facts, State.FAILED, str(exc), ctx.owner)
+            return Outcome(Result.FAILED, path, reason=str(exc), raw_size=facts.raw_size)
         if claim.outcome == ClaimOutcome.DONE:
             if claim.source_filepath == str(path):
                 return Outcome(Result.ALREADY_DONE, path, dest=claim.filepath or "")

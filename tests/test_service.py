@@ -166,7 +166,7 @@ def test_hanging_webhook_does_not_hold_up_transfers(tree: Tree) -> None:
     slack = FakeSlack(hang=120)
     try:
         env = {"RAWTRANSFER_SLACK_WEBHOOK_URL": slack.url}
-        proc, log = start(tree, env=env)
+        proc, _log = start(tree, env=env)
         try:
             bad = drop(tree, "bad.fits", 99)
             bad.write_bytes(bad.read_bytes()[: -2880 * 2] + b"\0" * 5760)  # corrupt data
@@ -224,7 +224,7 @@ def test_backfill_queues_only_unhandled_files_in_the_window(tree: Tree) -> None:
         handled = synth.write_frame(tree.src / "handled.fits", (32, 32), seed=2)
         (tree.src / "sub").mkdir()
         missed = synth.write_frame(tree.src / "sub" / "missed.fits", (32, 32), seed=3)
-        young = synth.write_frame(tree.src / "young.fits", (32, 32), seed=4)
+        synth.write_frame(tree.src / "young.fits", (32, 32), seed=4)  # inside the recency window
         hidden = tree.src / ".staging"
         hidden.mkdir()
         synth.write_frame(hidden / "staged.fits", (32, 32), seed=5)

@@ -64,7 +64,6 @@ def _db(action: str, values: dict[str, Any]) -> int:
         return 0
     cat = SqliteCatalog(s.state_dir / "catalog.sqlite3", s.db_table, s.metadata_columns)
     cat.close()
-    print(
-        f"raw-transfer: catalog {s.state_dir / 'catalog.sqlite3'} table {s.db_table} is ready ({action})"
-    )
+    where = s.state_dir / "catalog.sqlite3"
+    print(f"raw-transfer: catalog {where} table {s.db_table} is ready ({action})")
     return 0
