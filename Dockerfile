@@ -1,6 +1,6 @@
 # raw-transfer in a container: the same entry point as on the host.
 #   docker build -t rawtransfer .
-#   docker run --rm -v /data/raw:/data/raw:ro -v /srv/archive:/archive \
+#   docker run --rm -v /data/raw:/data/raw -v /srv/archive:/archive \
 #     -v rawtransfer-state:/var/lib/rawtransfer rawtransfer /data/raw /archive --backfill-only
 FROM python:3.11-slim-bookworm
 
@@ -12,10 +12,11 @@ RUN apt-get update \
 WORKDIR /opt/rawtransfer
 COPY pyproject.toml README.md ./
 COPY rawtransfer ./rawtransfer
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir . \
+    && useradd --system --uid 10001 --home-dir /var/lib/rawtransfer --create-home rawtransfer
 
-RUN useradd --system --uid 10001 --home-dir /var/lib/rawtransfer --create-home rawtransfer
-USER rawtransfer
+# a numeric user, so that a host with no such name still runs it unprivileged
+USER 10001
 ENV XDG_STATE_HOME=/var/lib/rawtransfer
 ENTRYPOINT ["raw-transfer"]
 CMD ["--help"]

@@ -21,6 +21,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,7 +130,7 @@ class SshServer:
             time.sleep(0.02)
 
 
-def _config(tmp: Path, port: int, sftp_only_port: int, host_key: Path, auth: Path) -> str:
+def _config(port: int, sftp_only_port: int, host_key: Path, auth: Path) -> str:
     return f"""\
 ListenAddress 127.0.0.1:{port}
 ListenAddress 127.0.0.1:{sftp_only_port}
@@ -153,13 +154,15 @@ Match LocalPort {sftp_only_port}
 """
 
 
+class SshdError(Exception):
+    """sshd could not be started."""
+
+
 def _wait_listening(proc: subprocess.Popen[bytes], ports: list[int], log: Path) -> None:
-    """Return once every port answers with an SSH banner; fail with sshd's log if not."""
+    """Return once every port answers with an SSH banner; raise with sshd's log if not."""
     deadline = time.monotonic() + START_TIMEOUT
     pending = list(ports)
-    while pending:
-        if proc.poll() is not None:
-            break
+    while pending and proc.poll() is None and time.monotonic() < deadline:
         try:
             with socket.create_connection(("127.0.0.1", pending[0]), timeout=2) as s:
                 if s.recv(64).startswith(b"SSH-2.0-"):
@@ -167,25 +170,21 @@ def _wait_listening(proc: subprocess.Popen[bytes], ports: list[int], log: Path) 
                     continue
         except OSError:
             pass
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+        time.sleep(0.05)  # polling a condition, bounded by the deadline above
     if pending:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        pytest.fail(
-            f"sshd did not start (exit {proc.returncode}); log:\n{log.read_text()[-3000:]}\n"
-            f"If OpenSSH server is not installed: {INSTALL_HINT}",
-            pytrace=False,
+        raise SshdError(
+            f"sshd did not start (exit {proc.returncode}); log:\n{log.read_text()[-3000:]}"
         )
 
 
-@pytest.fixture(scope="session")
-def sshd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
+@contextmanager
+def running_sshd(tmp: Path) -> Iterator[SshServer]:
+    """Start sshd with everything it needs under ``tmp``; stop it (by its pid) on exit."""
     if not SSHD.exists():
-        pytest.fail(f"{SSHD} is missing: {INSTALL_HINT}", pytrace=False)
-    tmp = tmp_path_factory.mktemp("sshd")
+        raise SshdError(f"{SSHD} is missing")
     os.chmod(tmp, 0o700)
     PRIVSEP_DIR.mkdir(mode=0o755, exist_ok=True)
 
@@ -211,22 +210,22 @@ def sshd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]
     ssh_config = tmp / "ssh_config"
     ssh_config.write_text(
         f"Host {ALIAS}\n    HostName 127.0.0.1\n    Port {port}\n    User {user}\n"
-        f"    IdentityFile {identity}\n\nHost *\n    ServerAliveInterval 30\n"
+        f"    IdentityFile {identity}\n"
     )
     scratch = tmp / "remote"
     scratch.mkdir()
 
     conf = tmp / "sshd_config"
-    conf.write_text(_config(tmp, port, sftp_only_port, host_key, auth))
+    conf.write_text(_config(port, sftp_only_port, host_key, auth))
     log = tmp / "sshd.log"
     try:
         check = subprocess.run(
             [str(SSHD), "-t", "-f", str(conf)], capture_output=True, text=True, check=False
         )
     except OSError as exc:
-        pytest.fail(f"cannot run {SSHD}: {exc}; {INSTALL_HINT}", pytrace=False)
+        raise SshdError(f"cannot run {SSHD}: {exc}") from None
     if check.returncode != 0:
-        pytest.fail(f"sshd rejects the test config: {check.stderr.strip()}", pytrace=False)
+        raise SshdError(f"sshd rejects the test config: {check.stderr.strip()}")
     with log.open("wb") as log_fh:
         proc = subprocess.Popen(
             [str(SSHD), "-D", "-e", "-f", str(conf)],
@@ -252,7 +251,7 @@ def sshd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]
         )
     finally:
         sessions = _children(proc.pid)
-        proc.terminate()  # sshd -D exits on SIGTERM; sessions are ended by their pid below
+        proc.terminate()  # sshd -D exits on SIGTERM; its sessions are ended by pid below
         try:
             proc.wait(STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -261,3 +260,13 @@ def sshd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]
         for pid in sessions:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def sshd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
+    """The scratch sshd; a test that needs it fails (never skips) when it cannot start."""
+    try:
+        with running_sshd(tmp_path_factory.mktemp("sshd")) as server:
+            yield server
+    except SshdError as exc:
+        pytest.fail(f"{exc}\nIf OpenSSH server is missing: {INSTALL_HINT}", pytrace=False)
