@@ -64,6 +64,7 @@ class Outcome:
     raw_size: int = 0
     packed_size: int = 0
     dest: str = ""
+    sha1: str = ""
 
 
 @dataclass
@@ -203,7 +204,8 @@ def _transfer(
             ctx.catalog.mark_failed(facts.raw_sha1, facts, State.FAILED, str(exc), ctx.owner)
             return Outcome(Result.FAILED, path, reason=str(exc), raw_size=facts.raw_size)
         if claim.outcome == ClaimOutcome.DONE:
-            if claim.source_filepath == str(path):
+            # the same file, or the .fz that tidying left in place of that file
+            if claim.source_filepath in (str(path), str(path)[: -len(".fz")]):
                 return Outcome(Result.ALREADY_DONE, path, dest=claim.filepath or "")
             reason = f"same content as {claim.source_filepath}, already at {claim.filepath}"
             ctx.catalog.record_event(sha1, str(path), State.DUPLICATE, reason, ctx.owner)
@@ -241,6 +243,7 @@ def _transfer(
             raw_size=facts.raw_size,
             packed_size=facts.packed_size or 0,
             dest=dest,
+            sha1=sha1,
         )
     finally:
         ctx.leave(sha1)

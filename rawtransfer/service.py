@@ -29,6 +29,7 @@ from rawtransfer.pipeline import Context, Outcome, Result
 from rawtransfer.queue import WorkQueue
 from rawtransfer.sdnotify import Notifier, watchdog_interval
 from rawtransfer.steps.pack import clean_spool
+from rawtransfer.tidy import Tidy, tidy_one
 from rawtransfer.timers import Backfill, Canary, Periodic
 from rawtransfer.watch import Matcher, OverflowWatch, start_observer
 from rawtransfer.workers import Pool, Stats
@@ -41,13 +42,11 @@ HEALTH_INTERVAL = 5.0
 # temporary files, release their claims) before the process exits anyway.
 STOP_GRACE = 15.0
 
-# Flags that are accepted for compatibility but whose feature arrives with a later issue.
-# Each is announced in one line at start-up when given, never silently ignored.
-LATER: dict[str, str] = {
-    "overwrite_unpacked_interval": "tidying of originals arrives with issue #4; sources are kept",
-    "overwrite_unpacked_hours": "tidying of originals arrives with issue #4; sources are kept",
-    "overwrite_unpacked_recency_window": "tidying arrives with issue #4; sources are kept",
-    "ssh_controlmaster": "SSH destinations (and their persistent connections) arrive with #3",
+# Flags that mean nothing for a local destination are said to be so, never ignored.
+LOCAL_ONLY_NOTE = {
+    "ssh_controlmaster": "SSH connections are persistent per worker; DEST is local",
+    "copy_timeout": "it bounds copies over SSH; DEST is local",
+    "known_hosts": "it is for SSH destinations; DEST is local",
 }
 
 
@@ -62,7 +61,9 @@ def make_catalog(s: Settings) -> Catalog:
 def make_destination(s: Settings) -> Destination:
     if isinstance(s.dest, LocalDest):
         return LocalDestination(s.dest.path)
-    raise ConfigError(f"SSH destinations ({s.dest}) arrive with issue #3; use a local path")
+    from rawtransfer.destination.sftp import SftpDestination  # paramiko only when needed
+
+    return SftpDestination(s.dest, copy_timeout=s.copy_timeout, known_hosts=s.known_hosts)
 
 
 def make_alerter(s: Settings) -> Alerter:
@@ -113,9 +114,12 @@ class Service:
     # run -------------------------------------------------------------------------
     def run(self, out: TextIO = sys.stdout) -> int:
         s = self.s
-        for name, why in LATER.items():
-            if name in self.explicit:
-                log.warning("--%s accepted: %s", name.replace("_", "-"), why)
+        if isinstance(s.dest, LocalDest):
+            for name, why in LOCAL_ONLY_NOTE.items():
+                if name in self.explicit:
+                    log.warning("--%s has no effect here: %s", name.replace("_", "-"), why)
+        if s.backfill_only and not s.keep_source:
+            log.info("--backfill-only never replaces originals (tidying is the watcher's job)")
         check_source(s.source_dir)
         destination = make_destination(s)
         try:
@@ -205,8 +209,25 @@ class Service:
         )
         rescan = Periodic("rescan", 24 * 3600.0, lambda: self._scan(ctx), self.stop, run_first=True)
 
+        tidy = Tidy(
+            s.source_dir,
+            matcher,
+            ctx.catalog,
+            ctx.spool,
+            ctx.owner,
+            s.overwrite_unpacked_hours,
+            s.overwrite_unpacked_recency_window,
+        )
+
         def on_outcome(outcome: Outcome) -> None:
-            if outcome.result == Result.RETRY:
+            if outcome.result == Result.DONE and not s.keep_source:
+                try:
+                    age = time.time() - outcome.path.stat().st_mtime
+                except OSError:
+                    return
+                if age >= s.overwrite_unpacked_recency_window and outcome.sha1:
+                    tidy_one(outcome.path, outcome.sha1, ctx.spool, ctx.catalog, ctx.owner)
+            elif outcome.result == Result.RETRY:
                 canary_timer.poke()  # pause the queue now rather than at the next tick
             elif outcome.result in (Result.QUARANTINED, Result.FAILED):
                 alerter.alert(
@@ -217,6 +238,10 @@ class Service:
         overflow = OverflowWatch(rescan.poke)
         pool = Pool(ctx, self.queue, s.workers, self.stats, on_outcome, stop=self.stop)
         threads = [canary_timer, backfill_timer, rescan]
+        if not s.keep_source:
+            threads.append(
+                Periodic("tidy", s.overwrite_unpacked_interval, tidy, self.stop, run_first=False)
+            )
         pool.start()
         for t in threads:
             t.start()

@@ -38,8 +38,9 @@ PRIVSEP_DIR = Path("/run/sshd")
 START_TIMEOUT = 20.0
 # How long a signalled sshd (or one of its session processes) may take to go away.
 STOP_TIMEOUT = 10.0
-# Host alias defined in the fixture's ssh_config.
+# Host aliases defined in the fixture's ssh_config.
 ALIAS = "archive-test"
+SFTP_ONLY_ALIAS = "archive-sftp-only"
 
 
 def new_ed25519() -> tuple[bytes, str]:
@@ -103,6 +104,7 @@ class SshServer:
     known_hosts: Path
     ssh_config: Path
     alias: str
+    sftp_only_alias: str
     host_public_key: str
     scratch: Path
     log: Path
@@ -211,6 +213,10 @@ def running_sshd(tmp: Path) -> Iterator[SshServer]:
     ssh_config.write_text(
         f"Host {ALIAS}\n    HostName 127.0.0.1\n    Port {port}\n    User {user}\n"
         f"    IdentityFile {identity}\n"
+        f"Host {SFTP_ONLY_ALIAS}\n    HostName 127.0.0.1\n    Port {sftp_only_port}\n"
+        f"    User {user}\n    IdentityFile {identity}\n"
+        # so that plain user@127.0.0.1:/path reaches the test server too
+        f"Host 127.0.0.1\n    Port {port}\n"
     )
     scratch = tmp / "remote"
     scratch.mkdir()
@@ -244,6 +250,7 @@ def running_sshd(tmp: Path) -> Iterator[SshServer]:
             known_hosts=known_hosts,
             ssh_config=ssh_config,
             alias=ALIAS,
+            sftp_only_alias=SFTP_ONLY_ALIAS,
             host_public_key=host_public,
             scratch=scratch,
             log=log,

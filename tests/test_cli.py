@@ -161,21 +161,20 @@ def test_help_explains_every_flag() -> None:
         assert flag in r.stdout
 
 
-def test_later_flags_are_announced_not_ignored(tree: Tree) -> None:
+def test_flags_without_effect_here_are_announced_not_ignored(tree: Tree) -> None:
     r = run_rt(
         tree.src,
         tree.dest,
         "--backfill-only",
         "--state-dir",
         tree.state,
-        "--overwrite-unpacked-hours",
-        "3",
-        "--overwrite-unpacked-interval",
-        "1200",
+        "--ssh-controlmaster",
+        "--copy-timeout",
+        "60",
     )
     assert r.returncode == 0, r.stderr
-    assert "--overwrite-unpacked-hours accepted: tidying" in r.stderr
-    assert "--overwrite-unpacked-interval accepted" in r.stderr
+    assert "--ssh-controlmaster has no effect here" in r.stderr
+    assert "--copy-timeout has no effect here" in r.stderr
 
 
 def test_subcommand_names_and_dot_slash(

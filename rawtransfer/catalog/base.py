@@ -117,6 +117,13 @@ class Catalog(Protocol):
     def handled_sources(self, since: datetime) -> set[str]:
         """Source paths recorded since ``since`` that need nothing more (one query)."""
 
+    def verified_sources(self, since: datetime) -> dict[str, str]:
+        """Source path -> packed SHA1 of rows done *and verified* since ``since``.
+
+        Only these originals may ever be replaced locally (rows an upstream deployment
+        left have no verification time and are never tidied).
+        """
+
     def claim(self, sha1: str, facts: FileFacts, owner: Owner, lease_seconds: float) -> ClaimResult:
         """Insert a claimed row, or take over a stale one; never two live claims.
 

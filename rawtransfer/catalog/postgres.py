@@ -438,6 +438,17 @@ class PostgresCatalog:
         )
         return {r[0] for r in rows}
 
+    def verified_sources(self, since: datetime) -> dict[str, str]:
+        q = sql.SQL(
+            "select source_filepath, sha1_hash from {t} where state = 'done' "
+            "and verified_at is not null and source_filepath is not null "
+            "and updated_at >= %(since)s"
+        ).format(t=self.t)
+        rows = self._run(
+            "verified_sources", lambda c: c.execute(q, {"since": since}).fetchall(), SCAN_DEADLINE
+        )
+        return {r[0]: r[1] for r in rows}
+
     def claim(self, sha1: str, facts: FileFacts, owner: Owner, lease_seconds: float) -> ClaimResult:
         now = utcnow()
         values: dict[str, Any] = {

@@ -152,6 +152,16 @@ class SqliteCatalog:
             ).fetchall()
         return {r[0] for r in rows}
 
+    def verified_sources(self, since: datetime) -> dict[str, str]:
+        with self._lock:
+            rows = self._x(
+                f"select source_filepath, sha1_hash from {self.t} where state = 'done' "
+                "and verified_at is not null and source_filepath is not null "
+                "and updated_at >= ?",
+                (_ts(since),),
+            ).fetchall()
+        return {r[0]: r[1] for r in rows}
+
     def claim(self, sha1: str, facts: FileFacts, owner: Owner, lease_seconds: float) -> ClaimResult:
         now = utcnow()
         cols = [

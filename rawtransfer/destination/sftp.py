@@ -209,7 +209,9 @@ def is_connection_lost(exc: BaseException) -> bool:
         # SFTP protocol confusion; either way the stream cannot be trusted any more
         return True
     if isinstance(exc, OSError):
-        return exc.errno in _LOST_ERRNOS
+        # paramiko's channels say "Socket is closed", without an errno, once the
+        # transport has died under them
+        return exc.errno in _LOST_ERRNOS or (exc.errno is None and "closed" in str(exc))
     return False
 
 
@@ -743,19 +745,19 @@ class SftpDestination:
             except (DestinationConflict, DestinationUnavailable, Interrupted):
                 raise
             except Exception as exc:
-                lost = is_connection_lost(exc) or bool(guard.fired)
+                lost = is_connection_lost(exc) or bool(guard.fired) or not conn.alive()
                 if not lost and not isinstance(exc, OSError):
                     raise  # a programming error: let it show
                 if lost:
                     self._drop(conn)
                 if guard.fired == "stop requested":
                     raise Interrupted(f"{what}: abandoned at shutdown") from None
-                if guard.fired:
+                if guard.fired or isinstance(exc, TimeoutError):
                     raise DestinationUnavailable(
                         f"{what}: no answer from {self.target.alias} within {seconds:g} s "
                         "(--copy-timeout); connection dropped"
                     ) from None
-                if lost and not fresh and attempt == 1 and not isinstance(exc, TimeoutError):
+                if lost and not fresh and attempt == 1:
                     log.info("connection to %s lost (%s); reconnecting", self.where, exc)
                     continue
                 raise DestinationUnavailable(f"{what}: {_describe(exc)}") from None

@@ -1,0 +1,115 @@
+"""tidy: replace a local original by its packed version, only when that is safe.
+
+Safe means: the catalog row for the original is ``done`` with a verification time (the
+copy at the destination was verified), and the ``.fz`` written locally is byte-identical
+to the verified one. fpack -C is deterministic, so the original is packed again and its
+SHA1 compared with the catalog's before anything is replaced. The ``.fz`` is published
+beside the original without clobbering (temporary name, fsync, link), checked once more,
+and only then is the original removed. Anything unexpected leaves both files alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+from rawtransfer.catalog.base import Catalog, Owner, State
+from rawtransfer.errors import FileFailed, FileRejected
+from rawtransfer.names import q
+from rawtransfer.steps import check, hashing, pack, place
+from rawtransfer.watch import Matcher, scan
+
+log = logging.getLogger(__name__)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def tidy_one(path: Path, sha1: str, spool: Path, catalog: Catalog, owner: Owner) -> bool:
+    """Replace ``path`` by ``path.fz`` if that equals the verified copy; True if done."""
+    if path.name.endswith(".fz") or path.is_symlink() or not path.is_file():
+        return False
+    target = path.with_name(place.packed_name(path.name))
+    try:
+        checked = check.check(path)
+        packed = pack.pack(path, spool, float_images=checked.float_images)
+    except (FileRejected, FileFailed) as exc:
+        log.error("not tidying %s: %s", q(path), exc)
+        return False
+    try:
+        if hashing.sha1_file(packed) != sha1:
+            log.error("not tidying %s: packing again does not give the verified copy", q(path))
+            return False
+        if target.exists():
+            if hashing.sha1_file(target) != sha1:
+                log.error("not tidying %s: %s exists with other content", q(path), q(target))
+                return False
+        else:
+            tmp = path.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.rt-tmp")
+            try:
+                with open(packed, "rb") as src, open(tmp, "xb") as out:
+                    while chunk := src.read(1 << 20):
+                        out.write(chunk)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.link(tmp, target)  # never clobbers
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+            _fsync_dir(path.parent)
+            if hashing.sha1_file(target) != sha1:
+                log.error("not tidying %s: the local .fz does not read back right", q(path))
+                return False
+        path.unlink()
+        _fsync_dir(path.parent)
+    finally:
+        packed.unlink(missing_ok=True)
+    catalog.record_event(sha1, str(path), State.DONE, f"original replaced by {target.name}", owner)
+    log.info("tidied %s -> %s", q(path), q(target.name))
+    return True
+
+
+class Tidy:
+    """The periodic pass (--overwrite-unpacked-*): originals in the window whose rows
+    are done and verified, older than the recency window, are replaced by their .fz."""
+
+    def __init__(
+        self,
+        root: Path,
+        matcher: Matcher,
+        catalog: Catalog,
+        spool: Path,
+        owner: Owner,
+        hours: float,
+        recency_window: float,
+    ) -> None:
+        self.root, self.matcher, self.catalog = root, matcher, catalog
+        self.spool, self.owner = spool, owner
+        self.hours, self.recency_window = hours, recency_window
+
+    def __call__(self) -> int:
+        now = time.time()
+        since = now - self.hours * 3600
+        verified = self.catalog.verified_sources(
+            datetime.fromtimestamp(since, UTC).replace(tzinfo=None)
+        )
+        n = 0
+        for path, mtime in scan(self.root, self.matcher, since):
+            sha1 = verified.get(str(path))
+            if sha1 is None or mtime > now - self.recency_window:
+                continue
+            if tidy_one(path, sha1, self.spool, self.catalog, self.owner):
+                n += 1
+        if n:
+            log.info("tidy: replaced %d originals by their packed versions", n)
+        return n
