@@ -525,7 +525,7 @@ class SftpDestination:
         return posixpath.join(self.root, str(rel))
 
     def check(self) -> None:
-        self._run("checking the archive root", self._check, CONNECT_TIMEOUT + self.copy_timeout)
+        self._run("checking the archive root", self._check, self.copy_timeout)
 
     def publish(
         self, local: Path, rel: PurePosixPath, sha1: str, stop: threading.Event
@@ -1007,12 +1007,12 @@ class SftpDestination:
             return m.group(1).decode()
         if status == 1 and b"No such file" in err:
             raise RemoteError(SFTP_NO_SUCH_FILE, "vanished while being checksummed", path)
-        if status in (0, 126, 127, -1) or not err:
-            # no sha1sum there, or a forced command (internal-sftp) ran instead of ours
+        if status in (0, 126, 127):
+            # a forced command (internal-sftp) ran instead of ours, or there is no sha1sum
             return None
-        raise RemoteError(
-            SFTP_FAILURE, f"sha1sum failed: {err.decode(errors='replace').strip()}", path
-        )
+        # anything else is not evidence that exec is unusable: fail this file only
+        why = err.decode(errors="replace").strip() or f"exit status {status}"
+        raise RemoteError(SFTP_FAILURE, f"sha1sum failed: {why}", path)
 
     def _read_back_sha1(self, conn: _Connection, path: bytes) -> str:
         """SHA1 by reading the file back with pipelined reads."""
