@@ -216,7 +216,7 @@ def running_sshd(tmp: Path) -> Iterator[SshServer]:
         f"Host {SFTP_ONLY_ALIAS}\n    HostName 127.0.0.1\n    Port {sftp_only_port}\n"
         f"    User {user}\n    IdentityFile {identity}\n"
         # so that plain user@127.0.0.1:/path reaches the test server too
-        f"Host 127.0.0.1\n    Port {port}\n"
+        f"Host 127.0.0.1\n    Port {port}\n    IdentityFile {identity}\n"
     )
     scratch = tmp / "remote"
     scratch.mkdir()

@@ -544,6 +544,24 @@ def test_a_hung_server_fails_the_copy_within_the_timeout_then_recovers(
     assert d.sha1(REL) == sha1_of(data)
 
 
+def test_stop_while_the_server_hangs_interrupts_without_waiting_for_the_timeout(
+    sshd_server: SshServer, sftp_dest: DestFactory, tmp_path: Path, packed: Callable[[bytes], Path]
+) -> None:
+    d = sftp_dest(tmp_path, copy_timeout=TIMEOUT)
+    d.check()
+    sshd_server.signal_sessions(signal.SIGSTOP)
+    try:
+        # looked at first by publish (not set yet), then by the deadline guard (set)
+        stop = StopAfter(2)
+        started = time.monotonic()
+        with pytest.raises(Interrupted):
+            d.publish(packed(b"x"), REL, sha1_of(b"x"), stop)
+        assert time.monotonic() - started < TIMEOUT
+    finally:
+        sshd_server.kill_sessions()
+    assert d.publish(packed(b"x"), REL, sha1_of(b"x"), threading.Event()) == Published.NEW
+
+
 def test_permission_problems_are_unavailable_not_conflicts(
     sftp_dest: DestFactory, tmp_path: Path, packed: Callable[[bytes], Path]
 ) -> None:

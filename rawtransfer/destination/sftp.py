@@ -24,6 +24,7 @@ to tell "exists" from "unsupported", and it cannot send the OpenSSH extensions a
 from __future__ import annotations
 
 import errno
+import getpass
 import hashlib
 import logging
 import os
@@ -178,7 +179,7 @@ class RemoteError(OSError):
 
 
 class HostKeyRefused(Exception):
-    """The server's host key is not the one known_hosts has for it (or none is known)."""
+    """known_hosts has no key for this host: the one it offers is not accepted."""
 
 
 def is_connection_lost(exc: BaseException) -> bool:
@@ -286,6 +287,7 @@ def resolve_target(
         kh: tuple[Path, ...] = (known_hosts,)
     elif "userknownhostsfile" in options:
         kh = tuple(Path(p).expanduser() for p in str(options["userknownhostsfile"]).split())
+        kh = kh or default_known_hosts()
     else:
         kh = default_known_hosts()
     if identity is not None:
@@ -296,18 +298,12 @@ def resolve_target(
         alias=dest.host,
         hostname=str(options.get("hostname", dest.host)),
         port=port,
-        user=dest.user or str(options.get("user") or "") or _local_user(),
+        user=dest.user or str(options.get("user") or "") or getpass.getuser(),
         identities=ids,
         known_hosts=kh,
         identities_only=identity is not None
         or str(options.get("identitiesonly", "no")).lower() == "yes",
     )
-
-
-def _local_user() -> str:
-    import getpass
-
-    return getpass.getuser()
 
 
 class _RefuseUnknownHost(paramiko.RejectPolicy):  # type: ignore[misc]
@@ -509,6 +505,7 @@ class SftpDestination:
         self._orphans: set[bytes] = set()
         # how the remote SHA1 is computed: None until the first file tells us
         self.sha1_method: str | None = None
+        self._hardlink_refused = False
         self._said: set[str] = set()
 
     def __repr__(self) -> str:
@@ -638,12 +635,11 @@ class SftpDestination:
             sock.close()
             raise
         log.debug(
-            "connected to %s@%s:%d (%s, %s; %d KiB requests; SFTP extensions: %s)",
+            "connected to %s@%s:%d (%s; %d KiB requests; SFTP extensions: %s)",
             t.user,
             t.hostname,
             t.port,
             transport.local_cipher,
-            getattr(transport.kex_engine, "name", "?"),
             conn.request_size >> 10,
             ", ".join(sorted(sftp.extensions)) or "none",
         )
@@ -760,12 +756,16 @@ class SftpDestination:
                 if lost and not fresh and attempt == 1:
                     log.info("connection to %s lost (%s); reconnecting", self.where, exc)
                     continue
-                raise DestinationUnavailable(f"{what}: {_describe(exc)}") from None
+                raise DestinationUnavailable(f"{what}: {_describe(exc, what)}") from None
         raise AssertionError("unreachable")
+
+    def _known_hosts_files(self) -> str:
+        kh = self.target.known_hosts
+        return " ".join(q(p) for p in kh if p.is_file()) or f"{q(kh[0])} (which does not exist)"
 
     def _host_key_message(self, exc: HostKeyRefused) -> str:
         name, key = exc.args
-        files = " ".join(q(p) for p in self.target.known_hosts)
+        files = self._known_hosts_files()
         return (
             f"unknown host key for {name} ({self.target.alias}): the server offered "
             f"{key.get_name()} {key.fingerprint}, which is not in {files}; refused. Check "
@@ -774,7 +774,7 @@ class SftpDestination:
         )
 
     def _changed_key_message(self, exc: paramiko.BadHostKeyException) -> str:
-        files = " ".join(q(p) for p in self.target.known_hosts)
+        files = self._known_hosts_files()
         return (
             f"host key changed for {self.target.known_hosts_name} ({self.target.alias}): the "
             f"server offered {exc.key.get_name()} {exc.key.fingerprint}, but {files} has "
@@ -841,6 +841,9 @@ class SftpDestination:
                 st = conn.lstat(current, follow=True)
                 if st is not None and stat.S_ISDIR(st.st_mode or 0):
                     continue  # made a moment ago by another worker: that is fine
+                if st is not None:
+                    shown = q(os.fsdecode(current))
+                    raise DestinationUnavailable(f"{shown} exists and is not a directory") from None
                 if conn.lstat(root, follow=True) is None:
                     # never created here: that would fill an unmounted mount point
                     raise DestinationUnavailable(f"{self.where} does not exist") from None
@@ -880,7 +883,7 @@ class SftpDestination:
         conn.close_handle(handle, tmp)
 
     def _link(self, conn: _Connection, tmp: bytes, target: bytes, sha1: str) -> Published:
-        if conn.has(HARDLINK) and HARDLINK not in self._said:
+        if conn.has(HARDLINK) and not self._hardlink_refused:
             try:
                 conn.status(conn.send(CMD_EXTENDED, HARDLINK, tmp, target), target)
                 return Published.NEW
@@ -890,6 +893,8 @@ class SftpDestination:
                     return self._existing(conn, target, existing, sha1)
                 if exc.code not in (SFTP_OP_UNSUPPORTED, SFTP_PERMISSION_DENIED):
                     raise
+                # a filesystem without hard links (some FUSE and SMB mounts) says EPERM
+                self._hardlink_refused = True
                 self._say_once(
                     HARDLINK,
                     "%s refuses %s (%s); publishing by check-then-rename instead",
@@ -897,7 +902,7 @@ class SftpDestination:
                     HARDLINK,
                     exc.strerror,
                 )
-        else:
+        elif not conn.has(HARDLINK):
             self._say_once(
                 "no-" + HARDLINK,
                 "%s does not offer %s; publishing by check-then-rename instead",
@@ -1007,11 +1012,15 @@ class SftpDestination:
             return m.group(1).decode()
         if status == 1 and b"No such file" in err:
             raise RemoteError(SFTP_NO_SUCH_FILE, "vanished while being checksummed", path)
-        if status in (0, 126, 127):
-            # a forced command (internal-sftp) ran instead of ours, or there is no sha1sum
+        if status != -1 and (status in (126, 127) or not err):
+            # no sha1sum there, or a forced command ran instead of ours (OpenSSH's
+            # internal-sftp says "This service allows sftp connections only." on stdout);
+            # sha1sum itself never fails without a word on stderr
             return None
         # anything else is not evidence that exec is unusable: fail this file only
-        why = err.decode(errors="replace").strip() or f"exit status {status}"
+        why = err.decode(errors="replace").strip() or (
+            f"exit status {status}" if status != -1 else "no exit status"
+        )
         raise RemoteError(SFTP_FAILURE, f"sha1sum failed: {why}", path)
 
     def _read_back_sha1(self, conn: _Connection, path: bytes) -> str:
@@ -1071,11 +1080,14 @@ def _prefer(preferred: tuple[str, ...], available: tuple[str, ...]) -> tuple[str
     return first + tuple(x for x in available if x not in first)
 
 
-def _describe(exc: BaseException) -> str:
+def _describe(exc: BaseException, what: str = "") -> str:
+    """One line for an error message; the path is left out when ``what`` names it."""
     if isinstance(exc, TimeoutError):
         return "timed out"
     if isinstance(exc, EOFError):
         return "connection closed by the server"
+    if isinstance(exc, RemoteError) and exc.path and what.endswith(q(os.fsdecode(exc.path))):
+        return str(exc.strerror)
     text = str(exc) or type(exc).__name__
     if isinstance(exc, OSError) and not isinstance(exc, RemoteError) and exc.strerror:
         text = f"{q(exc.filename)}: {exc.strerror}" if exc.filename else exc.strerror
