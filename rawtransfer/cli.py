@@ -145,13 +145,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--ssh-controlmaster",
         action="store_true",
         default=S,
-        help="Reuse SSH connections: one persistent connection per worker.",
+        help="Reuse SSH connections: one persistent connection per worker, rebuilt when "
+        "lost (without it, each file opens its own connection, as upstream scp did).",
     )
     p.add_argument(
         "--known-hosts",
         default=S,
         metavar="FILE",
         help="known_hosts file for the destination's host key (default the user's).",
+    )
+    p.add_argument(
+        "--ssh-config",
+        default=S,
+        metavar="FILE",
+        help="ssh_config file for host aliases, users, ports and keys (default ~/.ssh/config).",
     )
     p.add_argument(
         "--canary-interval",

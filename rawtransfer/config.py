@@ -104,6 +104,7 @@ class Settings:
     workers: int = 4
     ssh_controlmaster: bool = False
     known_hosts: Path | None = None
+    ssh_config: Path | None = None
     canary_interval: float = 15.0
     backfill_interval: float = 1200.0
     backfill_hours: float = 12.0
@@ -276,7 +277,7 @@ def build(values: dict[str, Any]) -> Settings:
         v["patterns"] = (v["patterns"],)
     if "patterns" in v:
         v["patterns"] = tuple(str(p) for p in v["patterns"])
-    for name in ("state_dir", "logfile", "known_hosts"):
+    for name in ("state_dir", "logfile", "known_hosts", "ssh_config"):
         if v.get(name) is not None:
             v[name] = Path(str(v[name])).expanduser()
     if not v.get("slack_webhook_url"):

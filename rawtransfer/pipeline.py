@@ -247,6 +247,7 @@ def _transfer(
         )
     finally:
         ctx.leave(sha1)
+        ctx.destination.file_done()
 
 
 def _release_quietly(ctx: Context, sha1: str, reason: str) -> None:

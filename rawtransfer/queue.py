@@ -33,7 +33,7 @@ class WorkQueue:
         self._pending: dict[Path, Item] = {}
         self._due: dict[Path, float] = {}
         self._inflight: set[Path] = set()
-        self._again: dict[Path, Item] = {}
+        self._again: dict[Path, tuple[Item, float]] = {}  # item, due time
         self._seq = itertools.count()
         self._paused = False
         self._closed = False
@@ -46,8 +46,14 @@ class WorkQueue:
         with self._cond:
             item = Item(path, closed, attempt)
             if path in self._inflight:
+                # remembered with its due time: a worker deferring its own file must not
+                # get it back the moment it lets go of it
+                due = self._clock() + max(delay, 0.0)
                 prev = self._again.get(path)
-                self._again[path] = Item(path, closed or bool(prev and prev.closed), attempt)
+                if prev is not None:
+                    closed = closed or prev[0].closed
+                    due = min(due, prev[1])
+                self._again[path] = (Item(path, closed, attempt), due)
                 return False
             due = self._clock() + max(delay, 0.0)
             if path in self._pending:
@@ -104,7 +110,13 @@ class WorkQueue:
             again = self._again.pop(item.path, None)
             self._cond.notify_all()
         if again is not None:
-            self.put(again.path, closed=again.closed, attempt=again.attempt)
+            item_again, due = again
+            self.put(
+                item_again.path,
+                closed=item_again.closed,
+                delay=due - self._clock(),
+                attempt=item_again.attempt,
+            )
 
     # control ---------------------------------------------------------------------
     def pause(self) -> None:

@@ -44,9 +44,10 @@ STOP_GRACE = 15.0
 
 # Flags that mean nothing for a local destination are said to be so, never ignored.
 LOCAL_ONLY_NOTE = {
-    "ssh_controlmaster": "SSH connections are persistent per worker; DEST is local",
+    "ssh_controlmaster": "it keeps SSH connections open; DEST is local",
     "copy_timeout": "it bounds copies over SSH; DEST is local",
     "known_hosts": "it is for SSH destinations; DEST is local",
+    "ssh_config": "it is for SSH destinations; DEST is local",
 }
 
 
@@ -63,7 +64,13 @@ def make_destination(s: Settings) -> Destination:
         return LocalDestination(s.dest.path)
     from rawtransfer.destination.sftp import SftpDestination  # paramiko only when needed
 
-    return SftpDestination(s.dest, copy_timeout=s.copy_timeout, known_hosts=s.known_hosts)
+    return SftpDestination(
+        s.dest,
+        copy_timeout=s.copy_timeout,
+        known_hosts=s.known_hosts,
+        ssh_config=s.ssh_config,
+        persistent=s.ssh_controlmaster,
+    )
 
 
 def make_alerter(s: Settings) -> Alerter:

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 # about 2 s, doubling, never more than 5 minutes apart (the canary resumes sooner).
 BACKOFF_BASE = 2.0
 BACKOFF_CAP = 300.0
+# A file whose content another worker has claimed is looked at again at least this often.
+BUSY_CAP = 30.0
 # In a one-off run nobody is waiting for the resource to come back all night: a file is
 # given up (and reported) after this many attempts.
 BURST_MAX_ATTEMPTS = 5
@@ -134,11 +136,13 @@ class Pool:
         name = q(item.path)
         if self.stop.is_set():
             return  # shutting down: the scan at the next start finds it again
-        if self.ctx.burst and item.attempt + 1 >= BURST_MAX_ATTEMPTS:
+        # BUSY never gives up: the other worker finishes, or its lease expires and the
+        # claim is taken over
+        if retry and self.ctx.burst and item.attempt + 1 >= BURST_MAX_ATTEMPTS:
             log.error("giving up on %s after %d attempts: %s", name, item.attempt + 1, reason)
             self.stats.given_up(item.path, reason)
             return
-        delay = max(delay, backoff(item.attempt))
+        delay = max(delay, backoff(item.attempt, cap=BACKOFF_CAP if retry else BUSY_CAP))
         verb = "retrying" if retry else "deferring"
         log.warning("%s %s in %.0f s: %s", verb, name, delay, reason)
         self.queue.put(item.path, delay=delay, attempt=item.attempt + 1)

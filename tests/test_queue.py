@@ -96,3 +96,14 @@ def test_modify_events_do_not_make_a_waiting_file_due() -> None:
     for _ in range(100):
         assert not q.put(A)  # a slow writer's modify events
     assert q.get(timeout=0.05) is None
+
+
+def test_deferring_a_file_in_hand_keeps_its_delay() -> None:
+    q = WorkQueue()
+    q.put(A)
+    item = q.get(timeout=0)
+    assert item is not None
+    q.put(A, delay=60)  # the worker defers its own file...
+    q.done(item)  # ...and lets go of it
+    assert q.get(timeout=0.1) is None  # not handed out again before its time
+    assert q.depth() == (1, 0)

@@ -43,4 +43,7 @@ class Destination(Protocol):
     def full_path(self, rel: PurePosixPath) -> str:
         """The path recorded in the catalog's ``filepath`` column."""
 
+    def file_done(self) -> None:
+        """The calling worker thread is finished with one file (connection reuse policy)."""
+
     def close(self) -> None: ...

@@ -112,5 +112,8 @@ class LocalDestination:
             os.fsync(out.fileno())
         os.chmod(tmp, FILE_MODE)
 
+    def file_done(self) -> None:
+        pass
+
     def close(self) -> None:
         pass

@@ -482,8 +482,12 @@ class SftpDestination:
         allow_agent: bool = True,
         file_mode: int = FILE_MODE,
         dir_mode: int = DIR_MODE,
+        persistent: bool = True,
     ) -> None:
         self.dest = dest
+        # --ssh-controlmaster: keep one connection per worker across files; without it a
+        # worker's connection is closed after each file, as upstream's scp calls did
+        self.persistent = persistent
         self.copy_timeout = copy_timeout
         self.target = resolve_target(
             dest,
@@ -543,6 +547,12 @@ class SftpDestination:
             return None if st is None else self._remote_sha1(conn, path)
 
         return self._run(f"checksumming {q(self.full_path(rel))}", run, self.copy_timeout)
+
+    def file_done(self) -> None:
+        """The calling worker is finished with a file; close its connection unless kept."""
+        conn: _Connection | None = getattr(self._local, "conn", None)
+        if not self.persistent and conn is not None:
+            self._drop(conn)
 
     def close(self) -> None:
         with self._lock:
