@@ -49,10 +49,10 @@ class WorkQueue:
                 # remembered with its due time: a worker deferring its own file must not
                 # get it back the moment it lets go of it
                 due = self._clock() + max(delay, 0.0)
-                prev = self._again.get(path)
-                if prev is not None:
-                    closed = closed or prev[0].closed
-                    due = min(due, prev[1])
+                again = self._again.get(path)
+                if again is not None:
+                    closed = closed or again[0].closed
+                    due = min(due, again[1])
                 self._again[path] = (Item(path, closed, attempt), due)
                 return False
             due = self._clock() + max(delay, 0.0)
