@@ -249,6 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="At most one Slack message per kind of alert per this many seconds (default 300).",
     )
     p.add_argument(
+        "--alert-backlog",
+        type=float,
+        default=S,
+        metavar="S",
+        help="Alert when the oldest file not yet done has waited this long (default 3600).",
+    )
+    p.add_argument(
         "--stop-grace",
         type=float,
         default=S,

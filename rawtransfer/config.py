@@ -115,6 +115,7 @@ class Settings:
     keep_source: bool = False
     alert_after: float = 300.0
     alert_interval: float = 300.0
+    alert_backlog: float = 3600.0
     stop_grace: float = 30.0
     patience: float = 5.0
     polling: bool = False
@@ -187,6 +188,7 @@ def validate(s: Settings) -> None:
     for name in (
         "copy_timeout",
         "alert_interval",
+        "alert_backlog",
         "canary_interval",
         "backfill_interval",
         "overwrite_unpacked_interval",

@@ -35,6 +35,7 @@ class WorkQueue:
         self._inflight: set[Path] = set()
         self._again: dict[Path, tuple[Item, float]] = {}  # item, due time
         self._seq = itertools.count()
+        self._since: dict[Path, float] = {}  # when each unfinished path was first queued
         self._paused = False
         self._closed = False
 
@@ -55,6 +56,7 @@ class WorkQueue:
                     due = min(due, again[1])
                 self._again[path] = (Item(path, closed, attempt), due)
                 return False
+            self._since.setdefault(path, self._clock())
             due = self._clock() + max(delay, 0.0)
             if path in self._pending:
                 prev = self._pending[path]
@@ -108,6 +110,8 @@ class WorkQueue:
         with self._cond:
             self._inflight.discard(item.path)
             again = self._again.pop(item.path, None)
+            if again is None and item.path not in self._pending:
+                self._since.pop(item.path, None)
             self._cond.notify_all()
         if again is not None:
             item_again, due = again
@@ -150,6 +154,14 @@ class WorkQueue:
         """(pending, in flight)"""
         with self._cond:
             return len(self._pending), len(self._inflight)
+
+    def oldest(self) -> tuple[Path, float] | None:
+        """The unfinished path queued longest ago, and how many seconds ago."""
+        with self._cond:
+            if not self._since:
+                return None
+            path, since = min(self._since.items(), key=lambda kv: kv[1])
+            return path, self._clock() - since
 
     def idle(self) -> bool:
         with self._cond:

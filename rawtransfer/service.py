@@ -30,7 +30,7 @@ from rawtransfer.queue import WorkQueue
 from rawtransfer.sdnotify import Notifier, watchdog_interval
 from rawtransfer.steps.pack import clean_spool
 from rawtransfer.tidy import Tidy, tidy_one
-from rawtransfer.timers import Backfill, Canary, Periodic
+from rawtransfer.timers import Backfill, Backlog, Canary, Periodic
 from rawtransfer.watch import Matcher, OverflowWatch, start_observer
 from rawtransfer.workers import Pool, Stats
 
@@ -244,7 +244,10 @@ class Service:
         observer, _handler = start_observer(s.source_dir, self.queue, matcher, s.polling)
         overflow = OverflowWatch(rescan.poke)
         pool = Pool(ctx, self.queue, s.workers, self.stats, on_outcome, stop=self.stop)
-        threads = [canary_timer, backfill_timer, rescan]
+        backlog = Periodic(
+            "backlog", s.canary_interval, Backlog(self.queue, alerter, s.alert_backlog), self.stop
+        )
+        threads = [canary_timer, backfill_timer, rescan, backlog]
         if not s.keep_source:
             threads.append(
                 Periodic("tidy", s.overwrite_unpacked_interval, tidy, self.stop, run_first=False)

@@ -171,3 +171,30 @@ class Backfill:
         if n:
             log.info("backfill: queued %d files that had been missed", n)
         return n
+
+
+class Backlog:
+    """Alert when the oldest file not yet done has waited longer than ``threshold``."""
+
+    def __init__(self, queue: WorkQueue, alerter: Alerter, threshold: float) -> None:
+        self.queue = queue
+        self.alerter = alerter
+        self.threshold = threshold
+        self.alerted = False
+
+    def __call__(self) -> bool:
+        oldest = self.queue.oldest()
+        late = oldest is not None and oldest[1] >= self.threshold
+        if late and not self.alerted and oldest is not None:
+            self.alerted = True
+            path, age = oldest
+            pending, inflight = self.queue.depth()
+            self.alerter.alert(
+                "backlog",
+                f"{path.name} has waited {age / 60:.0f} min; "
+                f"{pending} queued, {inflight} in flight",
+            )
+        elif not late and self.alerted:
+            self.alerted = False
+            self.alerter.resolve("backlog", "the backlog has cleared")
+        return late

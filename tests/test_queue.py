@@ -107,3 +107,20 @@ def test_deferring_a_file_in_hand_keeps_its_delay() -> None:
     q.done(item)  # ...and lets go of it
     assert q.get(timeout=0.1) is None  # not handed out again before its time
     assert q.depth() == (1, 0)
+
+
+def test_oldest_tracks_unfinished_paths_across_retries() -> None:
+    q = WorkQueue()
+    assert q.oldest() is None
+    q.put(A)
+    q.put(B)
+    item = q.get(timeout=0)
+    assert item is not None and item.path == A
+    q.put(A, delay=30)  # deferred while in hand: still unfinished
+    q.done(item)
+    oldest = q.oldest()
+    assert oldest is not None and oldest[0] == A
+    item_b = q.get(timeout=0)
+    assert item_b is not None and item_b.path == B
+    q.done(item_b)  # finished: no longer counted
+    assert q.oldest() is not None and q.oldest()[0] == A  # type: ignore[index]

@@ -6,6 +6,7 @@ import http.server
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -21,7 +22,7 @@ from rawtransfer.catalog.base import FileFacts, Owner, State
 from rawtransfer.catalog.sqlite import SqliteCatalog
 from rawtransfer.queue import WorkQueue
 from rawtransfer.sdnotify import Notifier
-from rawtransfer.timers import Backfill
+from rawtransfer.timers import Backfill, Backlog
 from rawtransfer.watch import Matcher, OverflowWatch
 from tests.conftest import Tree
 from tests.helpers import RAW_TRANSFER, sqlite_rows, wait_for
@@ -253,3 +254,74 @@ def test_overflow_triggers_a_rescan() -> None:
     finally:
         w.close()
     assert hits == [1]
+
+
+def test_backlog_alert_fires_once_and_resolves() -> None:
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, str, str]] = []
+
+        def alert(self, kind: str, text: str) -> None:
+            self.calls.append(("alert", kind, text))
+
+        def resolve(self, kind: str, text: str) -> None:
+            self.calls.append(("resolve", kind, text))
+
+        def close(self) -> None:
+            pass
+
+    q = WorkQueue()
+    rec = Recorder()
+    b = Backlog(q, rec, threshold=0.0)
+    assert not b()  # empty queue: nothing late
+    q.put(Path("/x/late.fits"))
+    assert b() and b()
+    assert [c[:2] for c in rec.calls] == [("alert", "backlog")]
+    assert "late.fits" in rec.calls[0][2]
+    item = q.get(timeout=0)
+    assert item is not None
+    q.done(item)
+    assert not b()
+    assert [c[:2] for c in rec.calls] == [("alert", "backlog"), ("resolve", "backlog")]
+
+
+def test_reading_source_files_queues_nothing(tmp_path: Path) -> None:
+    """watchdog reports opened and closed-without-write events for reads: ignored."""
+    from rawtransfer.watch import start_observer
+
+    q = WorkQueue()
+    src = tmp_path / "src"
+    src.mkdir()
+    observer, _ = start_observer(src, q, Matcher(("*.fits",)), polling=False)
+    try:
+        f = synth.write_frame(tmp_path / ".a", (32, 32))
+        os.rename(f, src / "a.fits")
+        wait_for(lambda: q.depth()[0] == 1, 10, "the move event")
+        item = q.get(timeout=1)
+        assert item is not None
+        q.done(item)
+        for _ in range(5):  # the service's own reads: check, hash, pack
+            (src / "a.fits").read_bytes()
+        # a sentinel after the reads: inotify delivers events in order
+        g = synth.write_frame(tmp_path / ".b", (32, 32), seed=2)
+        os.rename(g, src / "b.fits")
+        wait_for(lambda: q.depth()[0] >= 1, 10, "the sentinel")
+        assert q.pending() == [src / "b.fits"]
+    finally:
+        observer.stop()
+        observer.join(10)
+
+
+def test_sighup_reopens_the_log_file(tree: Tree) -> None:
+    logfile = tree.root / "rt-file.log"
+    proc, _ = start(tree, "--logfile", str(logfile))
+    try:
+        wait_for(lambda: logfile.exists() and b"watching" in logfile.read_bytes(), 30, "log")
+        rotated = tree.root / "rt-file.log.1"
+        logfile.rename(rotated)  # logrotate moves the file away...
+        proc.send_signal(signal.SIGHUP)  # ...and tells the service
+        drop(tree, "after.fits", 7)
+        wait_for(lambda: logfile.exists() and b"after.fits" in logfile.read_bytes(), 30, "reopen")
+    finally:
+        assert stop(proc) == 0
+    assert b"after.fits" not in rotated.read_bytes()
