@@ -30,6 +30,7 @@ from rawtransfer.config import RemoteDest, parse_dest
 from rawtransfer.destination.base import TMP_SUFFIX, Destination, Published
 from rawtransfer.destination.local import LocalDestination
 from rawtransfer.destination.sftp import (
+    READBACK_MAX,
     HostKeyRefused,
     RemoteError,
     SftpDestination,
@@ -323,7 +324,7 @@ def test_sha1_is_computed_remotely_when_exec_is_allowed(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     d = sftp_dest(tmp_path)
-    data = os.urandom(300_000)
+    data = os.urandom(READBACK_MAX + 1)  # small files are read back instead
     caplog.set_level(logging.INFO, "rawtransfer.destination.sftp")
     d.publish(packed(data), REL, sha1_of(data), threading.Event())
     assert d.sha1(REL) == sha1_of(data)
@@ -618,3 +619,13 @@ def test_permission_problems_are_unavailable_not_conflicts(
 )
 def test_is_connection_lost(exc: BaseException, lost: bool) -> None:
     assert is_connection_lost(exc) is lost
+
+
+def test_small_files_are_verified_by_reading_back(
+    sftp_dest: DestFactory, tmp_path: Path, packed: Callable[[bytes], Path]
+) -> None:
+    d = sftp_dest(tmp_path)
+    data = os.urandom(1000)
+    d.publish(packed(data), REL, sha1_of(data), threading.Event())
+    assert d.sha1(REL) == sha1_of(data)
+    assert d.sha1_method is None  # no remote shell was needed
