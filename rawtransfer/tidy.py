@@ -19,20 +19,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from rawtransfer.catalog.base import Catalog, Owner, State
+from rawtransfer.destination.local import fsync_dir
 from rawtransfer.errors import FileFailed, FileRejected
 from rawtransfer.names import q
 from rawtransfer.steps import check, hashing, pack, place
 from rawtransfer.watch import Matcher, scan
 
 log = logging.getLogger(__name__)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def tidy_one(path: Path, sha1: str, spool: Path, catalog: Catalog, owner: Owner) -> bool:
@@ -66,12 +59,12 @@ def tidy_one(path: Path, sha1: str, spool: Path, catalog: Catalog, owner: Owner)
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     tmp.unlink()
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
             if hashing.sha1_file(target) != sha1:
                 log.error("not tidying %s: the local .fz does not read back right", q(path))
                 return False
         path.unlink()
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         packed.unlink(missing_ok=True)
     catalog.record_event(sha1, str(path), State.DONE, f"original replaced by {target.name}", owner)

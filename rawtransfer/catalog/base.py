@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 from typing import Protocol
 
@@ -103,6 +103,38 @@ class ClaimResult:
     source_filepath: str | None = None  # the source recorded in the existing row
     filepath: str | None = None  # its destination path, when done
     taken_over_from: str | None = None
+
+
+def judge_existing(
+    state: str,
+    claimed_by: str | None,
+    claimed_at: datetime | None,
+    src: str | None,
+    filepath: str | None,
+    owner: Owner,
+    lease_seconds: float,
+    now: datetime,
+) -> ClaimResult | None:
+    """What an existing row means to a would-be claimer; None when it may be taken over.
+
+    Shared by the catalogs so that SQLite and PostgreSQL judge a claim the same way: a
+    claim is stale when its lease expired, when its owner is a dead process on this
+    host, or when the owner is the claimer itself (see Catalog.claim).
+    """
+    if state == State.DONE:
+        return ClaimResult(ClaimOutcome.DONE, source_filepath=src, filepath=filepath)
+    if state == State.FAILED:
+        return ClaimResult(ClaimOutcome.FAILED, source_filepath=src)
+    holder = Owner.parse(claimed_by)
+    stale = (
+        claimed_at is None
+        or claimed_at < now - timedelta(seconds=lease_seconds)
+        or owner.looks_dead(holder)
+        or holder == owner
+    )
+    if state == State.CLAIMED and not stale:
+        return ClaimResult(ClaimOutcome.BUSY, source_filepath=src)
+    return None
 
 
 class Catalog(Protocol):

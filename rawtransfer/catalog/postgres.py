@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, TypeVar
 
 import psycopg
@@ -41,6 +41,7 @@ from rawtransfer.catalog.base import (
     FileFacts,
     Owner,
     State,
+    judge_existing,
     utcnow,
 )
 from rawtransfer.catalog.sqlite import _EXTRA_COLUMNS  # one table shape for both catalogs
@@ -501,19 +502,11 @@ class PostgresCatalog:
         if not row:  # deleted between the two statements: a released claim
             return ClaimResult(ClaimOutcome.BUSY)
         state, claimed_by, claimed_at, src, filepath = row
-        if state == State.DONE:
-            return ClaimResult(ClaimOutcome.DONE, source_filepath=src, filepath=filepath)
-        if state == State.FAILED:
-            return ClaimResult(ClaimOutcome.FAILED, source_filepath=src)
-        holder = Owner.parse(claimed_by)
-        stale = (
-            claimed_at is None
-            or claimed_at < now - timedelta(seconds=lease_seconds)
-            or owner.looks_dead(holder)
-            or holder == owner
+        verdict = judge_existing(
+            state, claimed_by, claimed_at, src, filepath, owner, lease_seconds, now
         )
-        if state == State.CLAIMED and not stale:
-            return ClaimResult(ClaimOutcome.BUSY, source_filepath=src)
+        if verdict is not None:
+            return verdict
         if self._take_over(sha1, facts, owner, now, (state, claimed_by, claimed_at)):
             return ClaimResult(ClaimOutcome.CLAIMED, taken_over_from=claimed_by)
         return ClaimResult(ClaimOutcome.BUSY, source_filepath=src)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from rawtransfer.catalog.base import (
     FileFacts,
     Owner,
     State,
+    judge_existing,
     utcnow,
 )
 from rawtransfer.config import IDENTIFIER_RE
@@ -214,19 +215,12 @@ class SqliteCatalog:
             if row is None:  # deleted between the two statements: a released claim
                 return ClaimResult(ClaimOutcome.BUSY)
             state, claimed_by, claimed_at, src, filepath = row
-            if state == State.DONE:
-                return ClaimResult(ClaimOutcome.DONE, source_filepath=src, filepath=filepath)
-            if state == State.FAILED:
-                return ClaimResult(ClaimOutcome.FAILED, source_filepath=src)
-            holder = Owner.parse(claimed_by)
-            stale = (
-                claimed_at is None
-                or datetime.fromisoformat(claimed_at) < now - timedelta(seconds=lease_seconds)
-                or owner.looks_dead(holder)
-                or holder == owner
+            at = datetime.fromisoformat(claimed_at) if claimed_at else None
+            verdict = judge_existing(
+                state, claimed_by, at, src, filepath, owner, lease_seconds, now
             )
-            if state == State.CLAIMED and not stale:
-                return ClaimResult(ClaimOutcome.BUSY, source_filepath=src)
+            if verdict is not None:
+                return verdict
             # compare-and-swap on the old owner and time: exactly one taker wins
             cur = self._x(
                 f"update {self.t} set state = ?, claimed_by = ?, claimed_at = ?, updated_at = ?, "

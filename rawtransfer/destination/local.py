@@ -18,7 +18,8 @@ from rawtransfer.names import q
 log = logging.getLogger(__name__)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or link in ``path`` durable (the directory entry, not just the data)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -86,7 +87,7 @@ class LocalDestination:
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
             return Published.NEW
         except (DestinationConflict, Interrupted):
             raise
