@@ -79,6 +79,14 @@ def make_alerter(s: Settings) -> Alerter:
     return NullAlerter()
 
 
+def check_not_nested(source: Path, dest: Path) -> None:
+    """An archive inside the watched tree would feed its own files back in (and the
+    other way round would pack the archive into itself)."""
+    src, dst = source.resolve(), dest.resolve()
+    if dst == src or dst.is_relative_to(src) or src.is_relative_to(dst):
+        raise ConfigError(f"DEST {q(dest)} and SOURCE_DIR {q(source)} must not contain each other")
+
+
 def check_source(path: Path) -> None:
     if not path.exists():
         raise ConfigError(f"SOURCE_DIR {q(path)} does not exist")
@@ -128,6 +136,8 @@ class Service:
         if s.backfill_only and not s.keep_source:
             log.info("--backfill-only never replaces originals (tidying is the watcher's job)")
         check_source(s.source_dir)
+        if isinstance(s.dest, LocalDest):
+            check_not_nested(s.source_dir, s.dest.path)
         destination = make_destination(s)
         try:
             destination.check()

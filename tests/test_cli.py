@@ -187,3 +187,14 @@ def test_subcommand_names_and_dot_slash(
     (tmp_path / "status").mkdir()
     r = run_rt("./status", tree.dest, "--backfill-only", "--state-dir", tree.state)
     assert r.returncode == 0, r.stderr
+
+
+def test_dest_inside_source_is_refused(tree: Tree, capsys: pytest.CaptureFixture[str]) -> None:
+    inner = tree.src / "archive"
+    inner.mkdir()
+    for src, dst in ((tree.src, inner), (inner, tree.src), (tree.src, tree.src)):
+        rc, err = _run(
+            capsys, str(src), str(dst), "--backfill-only", "--state-dir", str(tree.state)
+        )
+        assert rc == 2 and "must not contain each other" in err
+    assert list(inner.iterdir()) == [] and list(tree.state.iterdir()) == []

@@ -120,7 +120,7 @@ def verify_packed(original: Path, packed: Path) -> None:
     """Raise PackError unless every HDU of ``packed`` holds exactly ``original``'s data."""
     try:
         with (
-            fits.open(original, do_not_scale_image_data=True, memmap=False) as a,
+            fits.open(original, do_not_scale_image_data=True, memmap=True) as a,
             fits.open(packed, do_not_scale_image_data=True, memmap=False) as b,
         ):
             ha, hb = _data_hdus(a), _data_hdus(b)
