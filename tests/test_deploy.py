@@ -87,3 +87,12 @@ def test_dockerfile_is_hadolint_clean() -> None:
         [tool, "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True
     )
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_example_config_is_accepted(tmp_path: Path) -> None:
+    from rawtransfer.config import build, load_toml
+
+    values = load_toml(ROOT / "systemd" / "rawtransfer.toml.example")
+    s = build(values)
+    assert s.db_table == "goto" and s.metadata_columns == ("tel", "run", "ut")
+    assert str(s.dest) == "archive:/data/raw"

@@ -302,3 +302,43 @@ def test_demo_frames_are_realistic(tmp_path: Path, shape: tuple[int, int]) -> No
         assert h[0].header["BZERO"] == 32768 and h[0].header["BITPIX"] == 16
         assert "CHECKSUM" in h[0].header and "DATE-OBS" in h[0].header
         assert h[0].data.dtype == np.uint16
+
+
+def test_second_signal_exits_at_once_and_publishes_nothing_partial(
+    tree: Tree, tmp_path: Path
+) -> None:
+    for i in range(40):
+        synth.write_frame(tree.src / f"f{i:03d}.fits", (400, 400), seed=i)
+    tree.settled()
+    log = tree.root / "twice.log"
+    proc = subprocess.Popen(
+        [
+            *RAW_TRANSFER,
+            str(tree.src),
+            str(tree.dest),
+            "--backfill-only",
+            "--workers",
+            "2",
+            "--state-dir",
+            str(tree.state),
+            "--stop-grace",
+            "600",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("wb"),
+    )
+    wait_for(lambda: b"done " in log.read_bytes(), 60, "a first file done")
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)  # the second does not wait for the grace period
+    assert proc.wait(30) == 130
+    # whatever is under a final name is complete and verified
+    rows = {str(r["filepath"]): r for r in sqlite_rows(tree.state / "catalog.sqlite3")}
+    for fz in tree.dest.rglob("*.fz"):
+        subprocess.run(["funpack", "-S", str(fz)], check=True, capture_output=True)
+        if str(fz) in rows:
+            assert rows[str(fz)]["state"] == "done"
+    # and the next run finishes the job: stale claims of the dead process are taken over
+    r = run_rt(tree.src, tree.dest, "--backfill-only", "--state-dir", tree.state)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert len(list(tree.dest.rglob("*.fz"))) == 40
+    assert {r_["state"] for r_ in sqlite_rows(tree.state / "catalog.sqlite3")} == {"done"}
