@@ -15,16 +15,14 @@ lost: that is what ``--ssh-controlmaster`` means here. Every operation has a dea
 (``--copy-timeout``); a server that stops answering fails the operation, and the
 connection is dropped and rebuilt next time.
 
-The SFTP requests are composed here rather than through ``SFTPFile``: paramiko's
-pipelined writes discard the server's replies to the last requests (a full disk would go
-unnoticed until the checksum), its generic errors lose the status code this module needs
-to tell "exists" from "unsupported", and it cannot send the OpenSSH extensions at all.
+This module is the destination itself: publishing, verifying, the per-thread connections
+and the deadline guard. Where to connect and which host keys to trust are in
+``ssh_target``; the SFTP requests and replies, composed by hand, in ``sftp_wire``. Their
+public names are importable from here as well.
 """
 
 from __future__ import annotations
 
-import errno
-import getpass
 import hashlib
 import logging
 import os
@@ -39,42 +37,27 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO, ClassVar, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import paramiko
 from paramiko.sftp import (
-    CMD_ATTRS,
-    CMD_CLOSE,
     CMD_DATA,
     CMD_EXTENDED,
     CMD_EXTENDED_REPLY,
     CMD_FSETSTAT,
-    CMD_HANDLE,
-    CMD_INIT,
-    CMD_LSTAT,
-    CMD_MKDIR,
-    CMD_OPEN,
     CMD_READ,
-    CMD_REMOVE,
     CMD_RENAME,
-    CMD_SETSTAT,
-    CMD_STAT,
     CMD_STATUS,
-    CMD_VERSION,
     CMD_WRITE,
-    SFTP_CONNECTION_LOST,
-    SFTP_DESC,
     SFTP_EOF,
     SFTP_FAILURE,
     SFTP_FLAG_CREATE,
     SFTP_FLAG_EXCL,
     SFTP_FLAG_READ,
     SFTP_FLAG_WRITE,
-    SFTP_NO_CONNECTION,
     SFTP_NO_SUCH_FILE,
-    SFTP_OK,
     SFTP_OP_UNSUPPORTED,
     SFTP_PERMISSION_DENIED,
     int64,
@@ -82,13 +65,59 @@ from paramiko.sftp import (
 
 from rawtransfer.config import RemoteDest
 from rawtransfer.destination.base import DIR_MODE, FILE_MODE, TMP_SUFFIX, Published
+from rawtransfer.destination.sftp_wire import (
+    FSYNC,
+    HARDLINK,
+    LIMITS,
+    RemoteError,
+    _Connection,
+    _SFTPClient,
+    is_connection_lost,
+)
+from rawtransfer.destination.ssh_target import (
+    HostKeyRefused,
+    SshTarget,
+    changed_host_key_message,
+    default_known_hosts,
+    default_ssh_config,
+    resolve_target,
+    trust_known_hosts,
+    unknown_host_key_message,
+)
 from rawtransfer.errors import (
-    ConfigError,
     DestinationConflict,
     DestinationUnavailable,
     Interrupted,
 )
 from rawtransfer.names import q
+
+__all__ = [
+    "AUTH_TIMEOUT",
+    "BANNER_TIMEOUT",
+    "CLEANUP_TIMEOUT",
+    "CONNECT_TIMEOUT",
+    "FSYNC",
+    "GUARD_TICK",
+    "HARDLINK",
+    "KEEPALIVE_INTERVAL",
+    "LIMITS",
+    "MAX_IN_FLIGHT",
+    "PREFERRED_CIPHERS",
+    "PREFERRED_KEX",
+    "READBACK_MAX",
+    "REQUEST_SIZE",
+    "SAFE_REQUEST_SIZE",
+    "TCP_NODELAY",
+    "WINDOW_SIZE",
+    "HostKeyRefused",
+    "RemoteError",
+    "SftpDestination",
+    "SshTarget",
+    "default_known_hosts",
+    "default_ssh_config",
+    "is_connection_lost",
+    "resolve_target",
+]
 
 log = logging.getLogger(__name__)
 
@@ -137,325 +166,8 @@ MAX_IN_FLIGHT = 4 << 20
 # it waits for the peer's delayed ACK (about 40 ms per file).
 TCP_NODELAY = True
 
-HARDLINK = "hardlink@openssh.com"
-FSYNC = "fsync@openssh.com"
-LIMITS = "limits@openssh.com"
 
 _SHA1SUM_RE = re.compile(rb"^\\?([0-9a-f]{40}) ")
-
-# errno values that mean the path to the server is gone, not that it said no
-_LOST_ERRNOS = frozenset(
-    {
-        errno.ECONNRESET,
-        errno.ECONNABORTED,
-        errno.ECONNREFUSED,
-        errno.EPIPE,
-        errno.ETIMEDOUT,
-        errno.ENETDOWN,
-        errno.ENETUNREACH,
-        errno.EHOSTDOWN,
-        errno.EHOSTUNREACH,
-        errno.ENOTCONN,
-        errno.ESHUTDOWN,
-    }
-)
-
-
-class RemoteError(OSError):
-    """The SFTP server answered a request with an error status."""
-
-    _ERRNO: ClassVar[dict[int, int]] = {
-        SFTP_NO_SUCH_FILE: errno.ENOENT,
-        SFTP_PERMISSION_DENIED: errno.EACCES,
-        SFTP_OP_UNSUPPORTED: errno.EOPNOTSUPP,
-    }
-
-    def __init__(self, code: int, text: str, path: bytes | None = None) -> None:
-        desc = SFTP_DESC[code] if 0 <= code < len(SFTP_DESC) else f"status {code}"
-        super().__init__(self._ERRNO.get(code, errno.EIO), text or desc)
-        self.code = code
-        self.path = path
-
-    def __str__(self) -> str:
-        where = f"{q(os.fsdecode(self.path))}: " if self.path else ""
-        return f"{where}{self.strerror}"
-
-
-class HostKeyRefused(Exception):
-    """known_hosts has no key for this host: the one it offers is not accepted."""
-
-
-def is_connection_lost(exc: BaseException) -> bool:
-    """True when ``exc`` means the connection is gone or stuck (drop it, try again later).
-
-    False when the server answered (an SFTP error status, a refused channel or login) or
-    the problem is ours: those do not get better by reconnecting.
-    """
-    if isinstance(
-        exc,
-        HostKeyRefused
-        | paramiko.AuthenticationException
-        | paramiko.BadHostKeyException
-        | paramiko.ChannelException,
-    ):
-        return False
-    if isinstance(exc, RemoteError):
-        return exc.code in (SFTP_NO_CONNECTION, SFTP_CONNECTION_LOST)
-    if isinstance(exc, socket.gaierror):
-        # "temporary failure in name resolution": the resolver is away, not the name
-        return exc.errno == socket.EAI_AGAIN
-    if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError):
-        return True  # every address refused or unreachable
-    if isinstance(exc, EOFError | TimeoutError | ConnectionError):
-        return True
-    if isinstance(exc, paramiko.SSHException | paramiko.SFTPError):
-        # transport failures ("Server connection dropped", "SSH session not active") and
-        # SFTP protocol confusion; either way the stream cannot be trusted any more
-        return True
-    if isinstance(exc, OSError):
-        # paramiko's channels say "Socket is closed", without an errno, once the
-        # transport has died under them
-        return exc.errno in _LOST_ERRNOS or (exc.errno is None and "closed" in str(exc))
-    return False
-
-
-# --- where to connect -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SshTarget:
-    """Where and as whom to connect, after ~/.ssh/config has been applied."""
-
-    alias: str
-    hostname: str
-    port: int
-    user: str
-    identities: tuple[str, ...] = ()
-    known_hosts: tuple[Path, ...] = ()
-    identities_only: bool = False
-
-    @property
-    def known_hosts_name(self) -> str:
-        """The name known_hosts files use for this host (``[host]:port`` off port 22)."""
-        return self.hostname if self.port == 22 else f"[{self.hostname}]:{self.port}"
-
-
-_MATCH_EXEC_RE = re.compile(r"^\s*match\b.*\bexec\b", re.IGNORECASE | re.MULTILINE)
-
-
-def default_ssh_config() -> Path | None:
-    path = Path.home() / ".ssh" / "config"
-    return path if path.is_file() else None
-
-
-def default_known_hosts() -> tuple[Path, ...]:
-    return (Path.home() / ".ssh" / "known_hosts", Path("/etc/ssh/ssh_known_hosts"))
-
-
-def resolve_target(
-    dest: RemoteDest,
-    ssh_config: Path | None,
-    *,
-    known_hosts: Path | None = None,
-    identity: Path | None = None,
-) -> SshTarget:
-    """Apply an ssh_config file (HostName, User, Port, IdentityFile, UserKnownHostsFile).
-
-    An explicit ``user@`` in DEST wins over the config's User, as with ``ssh``. Proxy
-    settings and ``Match exec`` need a local shell and are refused rather than ignored.
-    """
-    options: dict[str, Any] = {}
-    if ssh_config is not None:
-        try:
-            text = ssh_config.read_text()
-        except OSError as exc:
-            raise ConfigError(f"ssh config {q(ssh_config)}: {exc.strerror}") from None
-        if _MATCH_EXEC_RE.search(text):
-            raise ConfigError(f"ssh config {q(ssh_config)}: 'Match exec' would run a shell")
-        try:
-            options = dict(paramiko.SSHConfig.from_text(text).lookup(dest.host))
-        except Exception as exc:  # paramiko raises assorted errors for bad configs
-            raise ConfigError(f"ssh config {q(ssh_config)}: {exc}") from None
-    for key in ("proxycommand", "proxyjump"):
-        if key in options and str(options[key]).lower() != "none":
-            raise ConfigError(
-                f"ssh config {q(ssh_config or '')}: {key} for {dest.host} is not supported "
-                "(the destination connects directly, without a local shell)"
-            )
-    try:
-        port = int(options.get("port", 22))
-    except ValueError:
-        raise ConfigError(f"ssh config: Port {options['port']!r} is not a number") from None
-    if known_hosts is not None:
-        kh: tuple[Path, ...] = (known_hosts,)
-    elif "userknownhostsfile" in options:
-        kh = tuple(Path(p).expanduser() for p in str(options["userknownhostsfile"]).split())
-        kh = kh or default_known_hosts()
-    else:
-        kh = default_known_hosts()
-    if identity is not None:
-        ids: tuple[str, ...] = (str(identity),)
-    else:
-        ids = tuple(str(Path(p).expanduser()) for p in options.get("identityfile", []))
-    return SshTarget(
-        alias=dest.host,
-        hostname=str(options.get("hostname", dest.host)),
-        port=port,
-        user=dest.user or str(options.get("user") or "") or getpass.getuser(),
-        identities=ids,
-        known_hosts=kh,
-        identities_only=identity is not None
-        or str(options.get("identitiesonly", "no")).lower() == "yes",
-    )
-
-
-class _RefuseUnknownHost(paramiko.RejectPolicy):  # type: ignore[misc]
-    """RejectPolicy, with the host and the offered fingerprint in the error."""
-
-    def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
-        raise HostKeyRefused(hostname, key)
-
-
-# --- one connection ---------------------------------------------------------------------
-
-
-class _SFTPClient(paramiko.SFTPClient):  # type: ignore[misc]
-    """paramiko's client, keeping the extensions the server announces (paramiko drops
-    them), so that hardlink, fsync and limits are used only where they exist."""
-
-    extensions: dict[str, bytes]
-
-    def _send_version(self) -> int:
-        msg = paramiko.Message()
-        msg.add_int(3)
-        self._send_packet(CMD_INIT, msg)
-        t, data = self._read_packet()
-        if t != CMD_VERSION:
-            raise paramiko.SFTPError("incompatible SFTP protocol")
-        reply = paramiko.Message(data)
-        version: int = reply.get_int()
-        self.extensions = {}
-        while reply.get_remainder():
-            name = reply.get_text()
-            self.extensions[name] = reply.get_binary()
-        return version
-
-
-class _Replies:
-    """Collects the replies to requests sent here; paramiko's reader hands each to
-    ``_async_response`` (the hook its own files use), in whatever order they come."""
-
-    def __init__(self) -> None:
-        self.got: dict[int, tuple[int, paramiko.Message]] = {}
-        self.ignored: set[int] = set()
-
-    def _async_response(self, t: int, msg: paramiko.Message, num: int) -> None:
-        if num in self.ignored:
-            self.ignored.discard(num)
-        else:
-            self.got[num] = (t, msg)
-
-
-@dataclass(eq=False)
-class _Connection:
-    client: paramiko.SSHClient
-    transport: paramiko.Transport
-    sock: socket.socket
-    sftp: _SFTPClient
-    request_size: int
-    op_timeout: float
-    replies: _Replies = field(default_factory=_Replies)
-    broken: bool = False
-
-    @property
-    def channel(self) -> paramiko.Channel:
-        return self.sftp.get_channel()
-
-    def alive(self) -> bool:
-        return not self.broken and bool(self.transport.is_active())
-
-    def has(self, extension: str) -> bool:
-        return extension in self.sftp.extensions
-
-    def close(self) -> None:
-        self.broken = True
-        try:
-            self.client.close()
-        finally:
-            self.sock.close()
-
-    # raw requests: send now, collect the reply later ----------------------------------
-    def send(self, t: int, *args: object) -> int:
-        num: int = self.sftp._async_request(self.replies, t, *args)
-        return num
-
-    def reply(self, num: int) -> tuple[int, paramiko.Message]:
-        got = self.replies.got
-        while num not in got:
-            self.sftp._read_response()
-        return got.pop(num)
-
-    def ignore(self, nums: list[int]) -> None:
-        """Replies we no longer care about (after a failure): drop them as they come."""
-        for num in nums:
-            if self.replies.got.pop(num, None) is None:
-                self.replies.ignored.add(num)
-
-    def status(self, num: int, path: bytes | None = None) -> None:
-        t, msg = self.reply(num)
-        if t != CMD_STATUS:
-            raise paramiko.SFTPError(f"expected a status reply, got type {t}")
-        code = msg.get_int()
-        if code != SFTP_OK:
-            raise RemoteError(code, msg.get_text(), path)
-
-    def expect(self, num: int, kind: int, path: bytes | None = None) -> paramiko.Message:
-        t, msg = self.reply(num)
-        if t == CMD_STATUS:
-            code = msg.get_int()
-            raise RemoteError(code, msg.get_text(), path)
-        if t != kind:
-            raise paramiko.SFTPError(f"expected reply type {kind}, got {t}")
-        return msg
-
-    # the few operations this module needs ---------------------------------------------
-    def lstat(self, path: bytes, follow: bool = False) -> paramiko.SFTPAttributes | None:
-        cmd = CMD_STAT if follow else CMD_LSTAT
-        try:
-            msg = self.expect(self.send(cmd, path), CMD_ATTRS, path)
-        except RemoteError as exc:
-            if exc.code == SFTP_NO_SUCH_FILE:
-                return None
-            raise
-        return paramiko.SFTPAttributes._from_msg(msg)
-
-    def open(self, path: bytes, flags: int, mode: int | None = None) -> bytes:
-        attrs = paramiko.SFTPAttributes()
-        if mode is not None:
-            attrs.st_mode = mode
-        msg = self.expect(self.send(CMD_OPEN, path, flags, attrs), CMD_HANDLE, path)
-        handle: bytes = msg.get_binary()
-        return handle
-
-    def close_handle(self, handle: bytes, path: bytes) -> None:
-        self.status(self.send(CMD_CLOSE, handle), path)
-
-    def remove(self, path: bytes) -> None:
-        try:
-            self.status(self.send(CMD_REMOVE, path), path)
-        except RemoteError as exc:
-            if exc.code != SFTP_NO_SUCH_FILE:
-                raise
-
-    def mkdir(self, path: bytes, mode: int) -> None:
-        attrs = paramiko.SFTPAttributes()
-        attrs.st_mode = mode
-        self.status(self.send(CMD_MKDIR, path, attrs), path)
-
-    def chmod(self, path: bytes, mode: int) -> None:
-        attrs = paramiko.SFTPAttributes()
-        attrs.st_mode = mode
-        self.status(self.send(CMD_SETSTAT, path, attrs), path)
 
 
 @dataclass
@@ -606,15 +318,12 @@ class SftpDestination:
             sock.close()
             raise
         client = paramiko.SSHClient()
-        # read at every connect, so that a corrected known_hosts needs no restart
-        for path in t.known_hosts:
-            if path.is_file():
-                try:
-                    client.load_system_host_keys(str(path))
-                except Exception as exc:  # paramiko raises several kinds for bad lines
-                    sock.close()
-                    raise DestinationUnavailable(f"known_hosts {q(path)}: {exc}") from None
-        client.set_missing_host_key_policy(_RefuseUnknownHost())
+        try:
+            # read at every connect, so that a corrected known_hosts needs no restart
+            trust_known_hosts(client, t)
+        except DestinationUnavailable:
+            sock.close()
+            raise
         try:
             with self._guarded(sock, _Guard(CONNECT_TIMEOUT + BANNER_TIMEOUT + AUTH_TIMEOUT)):
                 client.connect(
@@ -731,9 +440,9 @@ class SftpDestination:
             try:
                 conn, fresh = self._connection()
             except HostKeyRefused as exc:
-                raise DestinationUnavailable(self._host_key_message(exc)) from None
+                raise DestinationUnavailable(unknown_host_key_message(self.target, exc)) from None
             except paramiko.BadHostKeyException as exc:
-                raise DestinationUnavailable(self._changed_key_message(exc)) from None
+                raise DestinationUnavailable(changed_host_key_message(self.target, exc)) from None
             except paramiko.AuthenticationException as exc:
                 t = self.target
                 raise DestinationUnavailable(
@@ -771,29 +480,6 @@ class SftpDestination:
                     continue
                 raise DestinationUnavailable(f"{what}: {_describe(exc, what)}") from None
         raise AssertionError("unreachable")
-
-    def _known_hosts_files(self) -> str:
-        kh = self.target.known_hosts
-        return " ".join(q(p) for p in kh if p.is_file()) or f"{q(kh[0])} (which does not exist)"
-
-    def _host_key_message(self, exc: HostKeyRefused) -> str:
-        name, key = exc.args
-        files = self._known_hosts_files()
-        return (
-            f"unknown host key for {name} ({self.target.alias}): the server offered "
-            f"{key.get_name()} {key.fingerprint}, which is not in {files}; refused. Check "
-            "that fingerprint with the archive host's administrator, then add the key to "
-            "known_hosts"
-        )
-
-    def _changed_key_message(self, exc: paramiko.BadHostKeyException) -> str:
-        files = self._known_hosts_files()
-        return (
-            f"host key changed for {self.target.known_hosts_name} ({self.target.alias}): the "
-            f"server offered {exc.key.get_name()} {exc.key.fingerprint}, but {files} has "
-            f"{exc.expected_key.get_name()} {exc.expected_key.fingerprint}; refused. Either "
-            "the server was reinstalled (then update known_hosts) or someone is in between"
-        )
 
     # operations -------------------------------------------------------------------------
     def _check(self, conn: _Connection) -> None:
