@@ -161,6 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="ssh_config file for host aliases, users, ports and keys (default ~/.ssh/config).",
     )
     p.add_argument(
+        "--remote-file-mode",
+        default=S,
+        metavar="MODE",
+        help="Octal mode of archived files (default 0640).",
+    )
+    p.add_argument(
+        "--remote-dir-mode",
+        default=S,
+        metavar="MODE",
+        help="Octal mode of the YYYY/MM/DD directories created (default 0750).",
+    )
+    p.add_argument(
         "--canary-interval",
         type=float,
         default=S,

@@ -105,6 +105,8 @@ class Settings:
     ssh_controlmaster: bool = False
     known_hosts: Path | None = None
     ssh_config: Path | None = None
+    remote_file_mode: str = "0640"
+    remote_dir_mode: str = "0750"
     canary_interval: float = 15.0
     backfill_interval: float = 1200.0
     backfill_hours: float = 12.0
@@ -134,6 +136,14 @@ class Settings:
     def metadata_columns(self) -> tuple[str, ...]:
         pat = self.metadata_pattern
         return tuple(pat.groupindex) if pat else ()
+
+    @property
+    def file_mode(self) -> int:
+        return int(self.remote_file_mode, 8)
+
+    @property
+    def dir_mode(self) -> int:
+        return int(self.remote_dir_mode, 8)
 
     @property
     def uses_postgres(self) -> bool:
@@ -206,6 +216,10 @@ def validate(s: Settings) -> None:
     ):
         if getattr(s, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
+    for name in ("remote_file_mode", "remote_dir_mode"):
+        text = getattr(s, name)
+        if not re.fullmatch(r"0?[0-7]{3}", text):
+            raise ConfigError(f"--{name.replace('_', '-')} {text!r} is not an octal mode like 0640")
     if not (0 < s.db_port < 65536):
         raise ConfigError(f"--db-port {s.db_port} is not a TCP port")
 

@@ -61,7 +61,7 @@ def make_catalog(s: Settings) -> Catalog:
 
 def make_destination(s: Settings) -> Destination:
     if isinstance(s.dest, LocalDest):
-        return LocalDestination(s.dest.path)
+        return LocalDestination(s.dest.path, s.file_mode, s.dir_mode)
     from rawtransfer.destination.sftp import SftpDestination  # paramiko only when needed
 
     return SftpDestination(
@@ -70,6 +70,8 @@ def make_destination(s: Settings) -> Destination:
         known_hosts=s.known_hosts,
         ssh_config=s.ssh_config,
         persistent=s.ssh_controlmaster,
+        file_mode=s.file_mode,
+        dir_mode=s.dir_mode,
     )
 
 

@@ -37,6 +37,7 @@ def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
         (["--db-table", "goto; drop table x"], "not a lower-case SQL identifier"),
         (["--workers", "0"], "--workers"),
         (["--patience", "-1"], "must not be negative"),
+        (["--remote-file-mode", "rw-r-----"], "not an octal mode"),
         (["--no-such-flag"], "unrecognized arguments"),
         (["--workers", "many"], "invalid int value"),
     ],

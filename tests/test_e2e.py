@@ -342,3 +342,29 @@ def test_second_signal_exits_at_once_and_publishes_nothing_partial(
     assert r.returncode == 0, r.stdout + r.stderr
     assert len(list(tree.dest.rglob("*.fz"))) == 40
     assert {r_["state"] for r_ in sqlite_rows(tree.state / "catalog.sqlite3")} == {"done"}
+
+
+def test_archive_modes_are_configurable(tree: Tree) -> None:
+    synth.write_frame(tree.src / "a.fits", (32, 32), date_obs="2026-11-24T01:00:00")
+    tree.settled()
+    r = run_rt(
+        tree.src,
+        tree.dest,
+        "--backfill-only",
+        "--state-dir",
+        tree.state,
+        "--remote-file-mode",
+        "0604",
+        "--remote-dir-mode",
+        "0755",
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    f = tree.dest / "2026/11/24/a.fits.fz"
+    assert f.stat().st_mode & 0o777 == 0o604
+    assert f.parent.stat().st_mode & 0o777 == 0o755 & ~_umask()
+
+
+def _umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old

@@ -28,8 +28,10 @@ def fsync_dir(path: Path) -> None:
 
 
 class LocalDestination:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, file_mode: int = FILE_MODE, dir_mode: int = DIR_MODE) -> None:
         self.root = root
+        self.file_mode = file_mode
+        self.dir_mode = dir_mode
 
     def check(self) -> None:
         # The root must exist already: creating it would write into an unmounted mount
@@ -100,10 +102,10 @@ class LocalDestination:
         # exist_ok: two workers creating the same day directory at once is not an error.
         # The mode is masked by the umask (the unit sets 0027); umask() itself is
         # process-wide and must not be changed from a worker thread.
-        path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        path.mkdir(mode=self.dir_mode, parents=True, exist_ok=True)
 
     def _copy(self, src: Path, tmp: Path, stop: threading.Event) -> None:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self.file_mode)
         with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
             while chunk := inp.read(CHUNK):
                 if stop.is_set():
@@ -111,7 +113,7 @@ class LocalDestination:
                 out.write(chunk)
             out.flush()
             os.fsync(out.fileno())
-        os.chmod(tmp, FILE_MODE)
+        os.chmod(tmp, self.file_mode)
 
     def file_done(self) -> None:
         pass
