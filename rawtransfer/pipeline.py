@@ -139,7 +139,14 @@ def process_one(path: Path, ctx: Context, *, closed: bool = False) -> Outcome:
 def _process(path: Path, ctx: Context, closed: bool) -> Outcome:
     s = ctx.settings
     if ctx.catalog.source_state(str(path)) in TERMINAL:
-        return Outcome(Result.ALREADY_DONE, path)
+        handled = ctx.catalog.handled_at(str(path))
+        mtime = datetime.fromtimestamp(path.lstat().st_mtime, UTC).replace(tzinfo=None)
+        if handled is None or mtime <= handled:
+            return Outcome(Result.ALREADY_DONE, path)
+        # written again after it was dealt with: a new file under an old name. It is
+        # never skipped silently; if the archive holds other content under this name,
+        # the copy fails with that reason and a person is told.
+        log.warning("%s changed after it was handled on %s; looking at it again", q(path), handled)
 
     # settle
     try:
@@ -206,6 +213,9 @@ def _transfer(
         if claim.outcome == ClaimOutcome.DONE:
             # the same file, or the .fz that tidying left in place of that file
             if claim.source_filepath in (str(path), str(path)[: -len(".fz")]):
+                # recorded, so that a file merely touched is not packed again at every scan
+                reason = f"same content already at {claim.filepath}"
+                ctx.catalog.record_event(sha1, str(path), State.DONE, reason, ctx.owner)
                 return Outcome(Result.ALREADY_DONE, path, dest=claim.filepath or "")
             reason = f"same content as {claim.source_filepath}, already at {claim.filepath}"
             ctx.catalog.record_event(sha1, str(path), State.DUPLICATE, reason, ctx.owner)

@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 JOIN_TIMEOUT = 30.0
 
 
+def _utc(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC).replace(tzinfo=None)
+
+
 class Periodic(threading.Thread):
     """Run ``fn`` every ``interval`` seconds (and at once when poked) until ``stop``."""
 
@@ -164,7 +168,11 @@ class Backfill:
         )
         n = 0
         for path, mtime in scan(self.root, self.matcher, since):
-            if mtime > now - self.recency_window or str(path) in handled:
+            if mtime > now - self.recency_window:
+                continue
+            done_at = handled.get(str(path))
+            # a file written again after it was handled is a new file under an old name
+            if done_at is not None and _utc(mtime) <= done_at:
                 continue
             if self.queue.put(path):
                 n += 1

@@ -368,3 +368,39 @@ def _umask() -> int:
     old = os.umask(0)
     os.umask(old)
     return old
+
+
+def test_a_file_rewritten_under_a_handled_name_is_never_skipped_silently(tree: Tree) -> None:
+    p = synth.write_frame(tree.src / "a.fits", (32, 32), seed=1, date_obs="2026-11-24T01:00:00")
+    bad = synth.write_frame(tree.src / "b.fits", (32, 32), seed=2, date_obs="2026-11-24T01:00:00")
+    good_b = bad.read_bytes()
+    raw = bytearray(good_b)
+    raw[-100] ^= 1
+    bad.write_bytes(bytes(raw))
+    tree.settled()
+    r = run_rt(tree.src, tree.dest, "--backfill-only", "--state-dir", tree.state)
+    assert r.returncode == 1 and "b.fits" in r.stdout  # quarantined
+    archived = (tree.dest / "2026/11/24/a.fits.fz").read_bytes()
+    # the camera writes a different frame under the old name; the bad one is repaired
+    p.unlink()
+    synth.write_frame(p, (32, 32), seed=99, date_obs="2026-11-24T01:00:00")
+    bad.write_bytes(good_b)
+    for f in (p, bad):
+        os.utime(f, None)  # written now: later than the catalog's record of them
+    r = run_rt(tree.src, tree.dest, "--backfill-only", "--state-dir", tree.state, "--patience", "0")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "different content" in r.stdout  # a.fits: told, not overwritten
+    assert (tree.dest / "2026/11/24/a.fits.fz").read_bytes() == archived
+    assert (tree.dest / "2026/11/24/b.fits.fz").exists()  # the repaired file went through
+
+
+def test_a_touched_file_is_looked_at_once_not_at_every_scan(tree: Tree) -> None:
+    p = synth.write_frame(tree.src / "a.fits", (32, 32), seed=1)
+    tree.settled()
+    args = (tree.src, tree.dest, "--backfill-only", "--state-dir", tree.state, "--patience", "0")
+    assert run_rt(*args).returncode == 0
+    os.utime(p, None)  # touched (same content)
+    r = run_rt(*args)
+    assert r.returncode == 0 and "1 already done" in r.stdout, r.stdout
+    r = run_rt(*args)
+    assert r.returncode == 0 and "0 files" in r.stdout, r.stdout  # not again

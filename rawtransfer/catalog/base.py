@@ -146,8 +146,16 @@ class Catalog(Protocol):
     def source_state(self, source_filepath: str) -> State | None:
         """The latest recorded outcome for this source path, if any."""
 
-    def handled_sources(self, since: datetime) -> set[str]:
-        """Source paths recorded since ``since`` that need nothing more (one query)."""
+    def handled_at(self, source_filepath: str) -> datetime | None:
+        """When this source path last reached a terminal state (naive UTC), if ever.
+
+        A file modified after that time is a new file under an old name, and is looked
+        at again rather than skipped.
+        """
+
+    def handled_sources(self, since: datetime) -> dict[str, datetime]:
+        """Source paths recorded since ``since`` that need nothing more, with the time
+        they were dealt with (one query; see handled_at)."""
 
     def verified_sources(self, since: datetime) -> dict[str, str]:
         """Source path -> packed SHA1 of rows done *and verified* since ``since``.

@@ -422,22 +422,35 @@ class PostgresCatalog:
         row = self._run("source_state", lambda c: c.execute(q, {"src": source_filepath}).fetchone())
         return State(row[0]) if row and row[0] is not None else None
 
-    def handled_sources(self, since: datetime) -> set[str]:
+    def handled_at(self, source_filepath: str) -> datetime | None:
+        q = sql.SQL(
+            "select greatest("
+            "(select max(at) from {ev} where source_filepath = %(src)s "
+            "and state = any(%(terminal)s)), "
+            "(select max(coalesce(updated_at, created_at)) from {t} "
+            "where source_filepath = %(src)s and state = 'done'))"
+        ).format(t=self.t, ev=self.ev)
+        params = {"src": source_filepath, "terminal": sorted(str(s) for s in TERMINAL)}
+        row = self._run("handled_at", lambda c: c.execute(q, params).fetchone())
+        return row[0] if row else None
+
+    def handled_sources(self, since: datetime) -> dict[str, datetime]:
         # coalesce(updated_at, created_at) >= since, spelled so that the (state,
         # updated_at) index serves rawtransfer's own rows
         q = sql.SQL(
-            "select source_filepath from {t} where state = 'done' "
-            "and source_filepath is not null and (updated_at >= %(since)s "
+            "select source_filepath, max(t) from ("
+            "select source_filepath, coalesce(updated_at, created_at) as t from {t} "
+            "where state = 'done' and source_filepath is not null and (updated_at >= %(since)s "
             "or (updated_at is null and created_at >= %(since)s)) "
-            "union select e.source_filepath from {ev} e where e.at >= %(since)s and e.id = "
-            "(select max(id) from {ev} f where f.source_filepath = e.source_filepath) "
-            "and e.state = any(%(terminal)s)"
+            "union all select e.source_filepath, e.at from {ev} e where e.at >= %(since)s "
+            "and e.id = (select max(id) from {ev} f where f.source_filepath = e.source_filepath) "
+            "and e.state = any(%(terminal)s)) h group by source_filepath"
         ).format(t=self.t, ev=self.ev)
         params = {"since": since, "terminal": sorted(str(s) for s in TERMINAL)}
         rows = self._run(
             "handled_sources", lambda c: c.execute(q, params).fetchall(), SCAN_DEADLINE
         )
-        return {r[0] for r in rows}
+        return {r[0]: r[1] for r in rows}
 
     def verified_sources(self, since: datetime) -> dict[str, str]:
         q = sql.SQL(

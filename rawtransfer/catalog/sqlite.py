@@ -139,19 +139,35 @@ class SqliteCatalog:
             ).fetchone()
         return State(row[0]) if row else None
 
-    def handled_sources(self, since: datetime) -> set[str]:
+    def handled_at(self, source_filepath: str) -> datetime | None:
+        terminal = tuple(str(s) for s in TERMINAL)
+        marks = ",".join("?" * len(terminal))
+        with self._lock:
+            row = self._x(
+                f"select max(t) from (select max(at) as t from {self.ev} "
+                f"where source_filepath = ? and state in ({marks}) "
+                f"union all select max(coalesce(updated_at, created_at)) from {self.t} "
+                "where source_filepath = ? and state = 'done')",
+                (source_filepath, *terminal, source_filepath),
+            ).fetchone()
+        return datetime.fromisoformat(row[0]) if row and row[0] else None
+
+    def handled_sources(self, since: datetime) -> dict[str, datetime]:
         terminal = tuple(str(s) for s in TERMINAL)
         marks = ",".join("?" * len(terminal))
         with self._lock:
             rows = self._x(
-                f"select source_filepath from {self.t} where state = 'done' "
-                "and source_filepath is not null and coalesce(updated_at, created_at) >= ? "
-                f"union select e.source_filepath from {self.ev} e where e.at >= ? and e.id = "
-                f"(select max(id) from {self.ev} f where f.source_filepath = e.source_filepath) "
-                f"and e.state in ({marks})",
+                "select source_filepath, max(t) from ("
+                f"select source_filepath, coalesce(updated_at, created_at) as t from {self.t} "
+                "where state = 'done' and source_filepath is not null "
+                "and coalesce(updated_at, created_at) >= ? "
+                f"union all select e.source_filepath, e.at from {self.ev} e where e.at >= ? "
+                f"and e.id = (select max(id) from {self.ev} f "
+                f"where f.source_filepath = e.source_filepath) and e.state in ({marks})"
+                ") group by source_filepath",
                 (_ts(since), _ts(since), *terminal),
             ).fetchall()
-        return {r[0] for r in rows}
+        return {r[0]: datetime.fromisoformat(r[1]) for r in rows}
 
     def verified_sources(self, since: datetime) -> dict[str, str]:
         with self._lock:
