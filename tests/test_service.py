@@ -124,7 +124,6 @@ def test_canary_pauses_while_destination_is_away_and_resumes(tree: Tree) -> None
         for i in range(3):
             drop(tree, f"b{i}.fits", 10 + i)
         # files keep arriving locally; nothing is failed and the root is never recreated
-        wait_for(lambda: b"b2.fits" in log.read_bytes() or True, 1)
         assert not tree.dest.exists()
         away.rename(tree.dest)
         wait_for(lambda: len(list(tree.dest.rglob("*.fz"))) == 4, 60, "all files after resume")
