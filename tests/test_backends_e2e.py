@@ -3,12 +3,14 @@ upstream drop-in: SQLite or PostgreSQL, a local directory or SSH, real servers."
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import psycopg
@@ -17,6 +19,9 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from rawtransfer import synth
+from rawtransfer.catalog.base import FileFacts, Owner
+from rawtransfer.catalog.postgres import PostgresCatalog
+from rawtransfer.config import LocalDest, Settings
 from tests.conftest import Tree
 from tests.helpers import RAW_TRANSFER, check_archive, run_rt, sqlite_rows
 
@@ -167,7 +172,7 @@ def test_two_hosts_sharing_one_catalog_transfer_each_file_once(
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
-                env={**__import__("os").environ, **b.env},
+                env={**os.environ, **b.env},
             )
         )
     outs = [p.communicate(timeout=300) for p in procs]
@@ -284,4 +289,78 @@ def test_host_key_problems_refuse_and_transfer_nothing(
 
 
 ROOT = Path(__file__).resolve().parent.parent
-_ = psycopg
+
+
+def test_the_service_needs_only_select_insert_update(
+    request: pytest.FixtureRequest, tree: Tree, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator creates the table (`db init`); the service runs as a role that may
+    only SELECT, INSERT and UPDATE it, including a shutdown that gives claims back."""
+    pg = request.getfixturevalue("pg_server")
+    table = request.getfixturevalue("pg_table").name
+    assert run_rt("db", "init", *pg.db_flags(table), env=pg.env).returncode == 0
+    role = f"rt_svc_{table[-8:]}"
+    with _superuser(pg) as conn:
+        conn.execute(sql.SQL("create role {} login password 'svc-pw'").format(sql.Identifier(role)))
+        for t in (table, table + "_events"):
+            conn.execute(
+                sql.SQL("grant select, insert, update on {} to {}").format(
+                    sql.Identifier(t), sql.Identifier(role)
+                )
+            )
+    try:
+        passfile = tmp_path / "pgpass"
+        passfile.write_text(f"{pg.host}:{pg.port}:{pg.dbname}:{role}:svc-pw\n")
+        passfile.chmod(0o600)
+        for i in range(6):
+            synth.write_frame(tree.src / f"f{i}.fits", (64, 64), seed=i)
+        tree.settled()
+        flags = [*pg.db_flags(table)]
+        flags[flags.index("--db-user") + 1] = role
+        env = {**pg.env, "PGPASSFILE": str(passfile)}
+        r = run_rt(
+            tree.src, tree.dest, *flags, "--backfill-only", "--state-dir", tree.state, env=env
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert {x["state"] for x in _pg_rows(pg, table)} == {"done"}
+        # a release (an abandoned copy) is an UPDATE too
+        s = Settings(
+            source_dir=tree.src,
+            dest=LocalDest(tree.dest),
+            db_host=pg.host,
+            db_port=pg.port,
+            db_user=role,
+            db_name=pg.dbname,
+            db_table=table,
+        )
+        monkeypatch.setenv("PGPASSFILE", str(passfile))
+        cat = PostgresCatalog.from_settings(s)
+        try:
+            me = Owner()
+            facts = FileFacts("/x/y.fits", "r" * 40, 1, datetime(2026, 1, 1))
+            cat.claim("e" * 40, facts, me, 600)
+            cat.release("e" * 40, me, "shutting down")
+        finally:
+            cat.close()
+        (row,) = [x for x in _pg_rows(pg, table) if x["sha1_hash"] == "e" * 40]
+        assert row["state"] == "released"
+    finally:
+        with _superuser(pg) as conn:
+            for t in (table, table + "_events"):
+                conn.execute(
+                    sql.SQL("revoke all on {} from {}").format(
+                        sql.Identifier(t), sql.Identifier(role)
+                    )
+                )
+            conn.execute(sql.SQL("drop role {}").format(sql.Identifier(role)))
+
+
+def _superuser(pg: object) -> psycopg.Connection[tuple[object, ...]]:
+    """The cluster's superuser, over the fixture's private socket (creating roles)."""
+    return psycopg.connect(
+        host=str(pg.socket_dir),  # type: ignore[attr-defined]
+        port=pg.port,  # type: ignore[attr-defined]
+        user="postgres",
+        dbname=pg.dbname,  # type: ignore[attr-defined]
+        autocommit=True,
+    )

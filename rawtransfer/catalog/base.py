@@ -8,6 +8,8 @@ One row per *content* (keyed by the packed file's SHA1, as upstream) with a stat
 * ``failed``: a permanent failure with its reason (``error``).
 * ``quarantined``: the file itself is bad; the row is keyed by the *raw* SHA1 since there
   is no packed file.
+* ``released``: a claim given back (shutdown, the destination went away); the next
+  claimer takes the row over.
 
 Rows that existed before rawtransfer (an upstream table after ``db upgrade``) are
 ``done``. Every state change of every *source file* is also appended to an events table,
@@ -31,7 +33,7 @@ class State(StrEnum):
     FAILED = "failed"
     QUARANTINED = "quarantined"
     DUPLICATE = "duplicate"  # recorded as an event for the second source path
-    RELEASED = "released"  # event only: a claim given back at shutdown
+    RELEASED = "released"  # a claim given back (shutdown, resource away)
     RETRY = "retry"  # event only: a transient failure, the file goes back on the queue
 
 

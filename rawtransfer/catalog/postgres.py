@@ -596,7 +596,10 @@ class PostgresCatalog:
     def release(self, sha1: str, owner: Owner, reason: str) -> None:
         now = utcnow()
         q = sql.SQL(
-            "with d as (delete from {t} where sha1_hash = %(sha1)s and state = 'claimed' "
+            # an update, not a delete: the service needs only SELECT, INSERT and UPDATE
+            "with d as (update {t} set state = 'released', claimed_by = null, "
+            "claimed_at = null, updated_at = %(at)s, error = %(reason)s "
+            "where sha1_hash = %(sha1)s and state = 'claimed' "
             "and claimed_by = %(owner)s returning source_filepath) "
             "insert into {ev} (at, sha1_hash, source_filepath, state, host, pid, reason) "
             "select %(at)s, %(sha1)s, source_filepath, %(state)s, %(host)s, %(pid)s, "

@@ -312,10 +312,12 @@ class SqliteCatalog:
             ).fetchone()
             if row is None:
                 return
+            # an update, not a delete (as in PostgreSQL, where the service has no DELETE)
             self._x(
-                f"delete from {self.t} where sha1_hash = ? and state = 'claimed' "
+                f"update {self.t} set state = 'released', claimed_by = null, claimed_at = null, "
+                "updated_at = ?, error = ? where sha1_hash = ? and state = 'claimed' "
                 "and claimed_by = ?",
-                (sha1, str(owner)),
+                (_ts(now), reason, sha1, str(owner)),
             )
             self._event(sha1, row[0], State.RELEASED, reason, owner, now)
 
