@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 GROUP_INTERVAL = 300.0
 # A webhook call that takes longer than this is abandoned: alerts are not worth a stall.
 WEBHOOK_TIMEOUT = 5
-# At most this many alerts wait to be sent; beyond it the oldest are dropped (counted).
+# At most this many messages wait to be sent; beyond it the oldest are dropped (they
+# are already grouped by kind, so this only bites when the webhook is away for long).
 MAX_BACKLOG = 1000
 # How many example lines a grouped message quotes.
 EXAMPLES = 5
@@ -101,8 +102,6 @@ class SlackAlerter:
         self._outbox: deque[str] = deque(maxlen=MAX_BACKLOG)
         self._cond = threading.Condition()
         self._stop = threading.Event()
-        self.sent = 0
-        self.failed = 0
         self._thread = threading.Thread(target=self._run, name="alerts", daemon=True)
         self._thread.start()
 
@@ -161,18 +160,15 @@ class SlackAlerter:
         try:
             resp = self._client.send(text=text)
             if resp.status_code == 200:
-                self.sent += 1
                 return
-            self.failed += 1
             log.warning("alert not delivered: webhook answered HTTP %s", resp.status_code)
         except Exception as exc:  # a dead webhook must never take the service down
-            self.failed += 1
             log.warning(
                 "alert not delivered: %s", redact(f"{type(exc).__name__}: {exc}", self._url)
             )
 
-    def flush(self, timeout: float = 10.0) -> None:
-        """Send what is due regardless of the interval (used at shutdown and in tests)."""
+    def flush(self) -> None:
+        """Send what is waiting regardless of the interval (at shutdown)."""
         with self._cond:
             for g in self._groups.values():
                 g.last_sent = float("-inf")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from rawtransfer.catalog.base import RESERVED_COLUMNS
 from rawtransfer.errors import ConfigError
 
 # Table and column names are composed into SQL as identifiers; this is the only shape
@@ -22,28 +23,6 @@ from rawtransfer.errors import ConfigError
 IDENTIFIER_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 # A FITS keyword: up to 8 upper-case letters, digits, hyphen or underscore.
 FITS_KEYWORD_RE = re.compile(r"^[A-Z0-9_-]{1,8}$")
-# Columns the catalog owns; a metadata group may not overwrite them.
-RESERVED_COLUMNS = frozenset(
-    {
-        "sha1_hash",
-        "source_filepath",
-        "file_created_at",
-        "file_transferred_at",
-        "filepath",
-        "created_at",
-        "state",
-        "error",
-        "raw_sha1",
-        "raw_size",
-        "packed_size",
-        "obs_date",
-        "claimed_by",
-        "claimed_at",
-        "verified_at",
-        "updated_at",
-        "attempts",
-    }
-)
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,17 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
 
-from rawtransfer.catalog.base import TERMINAL, Catalog, ClaimOutcome, FileFacts, Owner, State
+from rawtransfer.catalog.base import (
+    Catalog,
+    ClaimOutcome,
+    FileFacts,
+    Owner,
+    State,
+    utc_from_epoch,
+)
 from rawtransfer.config import Settings
 from rawtransfer.destination.base import Destination
 from rawtransfer.errors import (
@@ -98,7 +104,7 @@ class Context:
 
 
 def _facts(path: Path, raw_sha1: str, st: settle.Ready, **kw: object) -> FileFacts:
-    created = datetime.fromtimestamp(st.mtime, UTC).replace(tzinfo=None)
+    created = utc_from_epoch(st.mtime)
     return FileFacts(
         source_filepath=str(path),
         raw_sha1=raw_sha1,
@@ -109,15 +115,18 @@ def _facts(path: Path, raw_sha1: str, st: settle.Ready, **kw: object) -> FileFac
 
 
 def _reject(
-    ctx: Context, path: Path, st: settle.Ready | None, exc: FileRejected | FileFailed
+    ctx: Context,
+    path: Path,
+    st: settle.Ready | None,
+    exc: FileRejected | FileFailed,
+    raw_sha1: str | None = None,
 ) -> Outcome:
     """Record a permanent per-file failure, keyed by the raw SHA1 (there is no packed file)."""
     try:
-        raw_sha1 = hashing.sha1_file(path)
-        size = path.stat().st_size
+        raw_sha1 = raw_sha1 or hashing.sha1_file(path)
+        ready = st or settle.Ready(size=path.stat().st_size, mtime=path.stat().st_mtime)
     except OSError:
         return Outcome(Result.SKIPPED, path, reason="vanished")
-    ready = st or settle.Ready(size=size, mtime=path.stat().st_mtime)
     facts = _facts(path, raw_sha1, ready)
     ctx.catalog.mark_failed(raw_sha1, facts, State(exc.state), str(exc), ctx.owner)
     result = Result.QUARANTINED if exc.state == State.QUARANTINED else Result.FAILED
@@ -138,10 +147,11 @@ def process_one(path: Path, ctx: Context, *, closed: bool = False) -> Outcome:
 
 def _process(path: Path, ctx: Context, closed: bool) -> Outcome:
     s = ctx.settings
-    if ctx.catalog.source_state(str(path)) in TERMINAL:
-        handled = ctx.catalog.handled_at(str(path))
-        mtime = datetime.fromtimestamp(path.lstat().st_mtime, UTC).replace(tzinfo=None)
-        if handled is None or mtime <= handled:
+    # one query per file: when (if ever) this path reached a terminal state
+    handled = ctx.catalog.handled_at(str(path))
+    if handled is not None:
+        mtime = utc_from_epoch(path.lstat().st_mtime)
+        if mtime <= handled:
             return Outcome(Result.ALREADY_DONE, path)
         # written again after it was dealt with: a new file under an old name. It is
         # never skipped silently; if the archive holds other content under this name,
@@ -171,8 +181,6 @@ def _process(path: Path, ctx: Context, closed: bool) -> Outcome:
         day = place.header_date(checked.headers, s.header_card)
         rel = place.remote_relpath(day, path.name)
     except FileRejected as exc:
-        if not str(exc).startswith(str(path)) and q(path) not in str(exc):
-            exc = FileRejected(f"{q(path)}: {exc.detail}")
         return _reject(ctx, path, st, exc)
 
     raw_sha1 = hashing.sha1_file(path)
@@ -182,7 +190,7 @@ def _process(path: Path, ctx: Context, closed: bool) -> Outcome:
         try:
             packed = pack.pack(path, ctx.spool, float_images=checked.float_images)
         except FileFailed as exc:
-            return _reject(ctx, path, st, exc)
+            return _reject(ctx, path, st, exc, raw_sha1)
     try:
         sha1 = hashing.sha1_file(packed)
         facts = _facts(

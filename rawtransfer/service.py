@@ -51,6 +51,24 @@ LOCAL_ONLY_NOTE = {
 }
 
 
+# What a one-off --backfill-only run has no use for: it watches nothing, runs no timers,
+# never tidies and reports in its summary rather than to Slack.
+WATCHER_ONLY = (
+    "polling",
+    "canary_interval",
+    "backfill_interval",
+    "backfill_recency_window",
+    "overwrite_unpacked_interval",
+    "overwrite_unpacked_hours",
+    "overwrite_unpacked_recency_window",
+    "keep_source",
+    "slack_webhook_url",
+    "alert_after",
+    "alert_interval",
+    "alert_backlog",
+)
+
+
 def make_catalog(s: Settings) -> Catalog:
     if s.uses_postgres:
         from rawtransfer.catalog.postgres import PostgresCatalog
@@ -135,8 +153,13 @@ class Service:
             for name, why in LOCAL_ONLY_NOTE.items():
                 if name in self.explicit:
                     log.warning("--%s has no effect here: %s", name.replace("_", "-"), why)
-        if s.backfill_only and not s.keep_source:
-            log.info("--backfill-only never replaces originals (tidying is the watcher's job)")
+        idle = [n for n in WATCHER_ONLY if n in self.explicit] if s.backfill_only else []
+        if idle:
+            log.warning(
+                "--backfill-only: no effect in a one-off run (it watches nothing, runs no "
+                "timers, never replaces originals, reports in its summary): %s",
+                " ".join("--" + n.replace("_", "-") for n in idle),
+            )
         check_source(s.source_dir)
         if isinstance(s.dest, LocalDest):
             check_not_nested(s.source_dir, s.dest.path)
@@ -245,7 +268,10 @@ class Service:
                 except OSError:
                     return
                 if age >= s.overwrite_unpacked_recency_window and outcome.sha1:
-                    tidy_one(outcome.path, outcome.sha1, ctx.spool, ctx.catalog, ctx.owner)
+                    try:
+                        tidy_one(outcome.path, outcome.sha1, ctx.spool, ctx.catalog, ctx.owner)
+                    except OSError as exc:  # the transfer is done; tidying waits for later
+                        log.error("not tidying %s: %s", q(outcome.path), exc)
             elif outcome.result == Result.RETRY:
                 canary_timer.poke()  # pause the queue now rather than at the next tick
             elif outcome.result in (Result.QUARANTINED, Result.FAILED):

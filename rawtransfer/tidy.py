@@ -4,23 +4,25 @@ Safe means: the catalog row for the original is ``done`` with a verification tim
 copy at the destination was verified), and the ``.fz`` written locally is byte-identical
 to the verified one. fpack -C is deterministic, so the original is packed again and its
 SHA1 compared with the catalog's before anything is replaced. The ``.fz`` is published
-beside the original without clobbering (temporary name, fsync, link), checked once more,
-and only then is the original removed. Anything unexpected leaves both files alone.
+beside the original by LocalDestination (temporary name, fsync, no-clobber link), read
+back once more, and only then is the original removed. Anything unexpected leaves both files alone.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
+import threading
 import time
-import uuid
-from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from rawtransfer.catalog.base import Catalog, Owner, State
-from rawtransfer.destination.local import fsync_dir
-from rawtransfer.errors import FileFailed, FileRejected
+from rawtransfer.catalog.base import Catalog, Owner, State, utc_from_epoch
+from rawtransfer.destination.local import LocalDestination, fsync_dir
+from rawtransfer.errors import (
+    DestinationConflict,
+    DestinationUnavailable,
+    FileFailed,
+    FileRejected,
+)
 from rawtransfer.names import q
 from rawtransfer.steps import check, hashing, pack, place
 from rawtransfer.watch import Matcher, scan
@@ -32,7 +34,8 @@ def tidy_one(path: Path, sha1: str, spool: Path, catalog: Catalog, owner: Owner)
     """Replace ``path`` by ``path.fz`` if that equals the verified copy; True if done."""
     if path.name.endswith(".fz") or path.is_symlink() or not path.is_file():
         return False
-    target = path.with_name(place.packed_name(path.name))
+    rel = PurePosixPath(place.packed_name(path.name))
+    target = path.with_name(rel.name)
     try:
         checked = check.check(path)
         packed = pack.pack(path, spool, float_images=checked.float_images)
@@ -43,28 +46,18 @@ def tidy_one(path: Path, sha1: str, spool: Path, catalog: Catalog, owner: Owner)
         if hashing.sha1_file(packed) != sha1:
             log.error("not tidying %s: packing again does not give the verified copy", q(path))
             return False
-        if target.exists():
-            if hashing.sha1_file(target) != sha1:
-                log.error("not tidying %s: %s exists with other content", q(path), q(target))
-                return False
-        else:
-            tmp = path.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.rt-tmp")
-            try:
-                with open(packed, "rb") as src, open(tmp, "xb") as out:
-                    while chunk := src.read(1 << 20):
-                        out.write(chunk)
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.link(tmp, target)  # never clobbers
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    tmp.unlink()
-            fsync_dir(path.parent)
-            if hashing.sha1_file(target) != sha1:
-                log.error("not tidying %s: the local .fz does not read back right", q(path))
-                return False
+        # the same atomic, no-clobber publish as an archive copy, beside the original and
+        # with its permissions; a foreign file already under the .fz name is a conflict
+        beside = LocalDestination(path.parent, file_mode=path.stat().st_mode & 0o777)
+        beside.publish(packed, rel, sha1, threading.Event())
+        if beside.sha1(rel) != sha1:
+            log.error("not tidying %s: the local .fz does not read back right", q(path))
+            return False
         path.unlink()
         fsync_dir(path.parent)
+    except (DestinationConflict, DestinationUnavailable) as exc:
+        log.error("not tidying %s: %s", q(path), exc)
+        return False
     finally:
         packed.unlink(missing_ok=True)
     catalog.record_event(sha1, str(path), State.DONE, f"original replaced by {target.name}", owner)
@@ -93,16 +86,16 @@ class Tidy:
     def __call__(self) -> int:
         now = time.time()
         since = now - self.hours * 3600
-        verified = self.catalog.verified_sources(
-            datetime.fromtimestamp(since, UTC).replace(tzinfo=None)
-        )
+        verified = self.catalog.verified_sources(utc_from_epoch(since))
         n = 0
         for path, mtime in scan(self.root, self.matcher, since):
             sha1 = verified.get(str(path))
             if sha1 is None or mtime > now - self.recency_window:
                 continue
-            if tidy_one(path, sha1, self.spool, self.catalog, self.owner):
-                n += 1
+            try:
+                n += tidy_one(path, sha1, self.spool, self.catalog, self.owner)
+            except OSError as exc:  # one file's trouble must not end the pass
+                log.error("not tidying %s: %s", q(path), exc)
         if n:
             log.info("tidy: replaced %d originals by their packed versions", n)
         return n

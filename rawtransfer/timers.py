@@ -11,11 +11,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 from rawtransfer.alerts import Alerter
-from rawtransfer.catalog.base import Catalog
+from rawtransfer.catalog.base import Catalog, utc_from_epoch
 from rawtransfer.destination.base import Destination
 from rawtransfer.errors import ResourceUnavailable
 from rawtransfer.queue import WorkQueue
@@ -24,10 +23,6 @@ from rawtransfer.watch import Matcher, scan
 log = logging.getLogger(__name__)
 
 JOIN_TIMEOUT = 30.0
-
-
-def _utc(epoch: float) -> datetime:
-    return datetime.fromtimestamp(epoch, UTC).replace(tzinfo=None)
 
 
 class Periodic(threading.Thread):
@@ -48,7 +43,6 @@ class Periodic(threading.Thread):
         self.stop = stop
         self._poke = threading.Event()
         self._run_first = run_first
-        self.runs = 0
 
     def poke(self) -> None:
         self._poke.set()
@@ -66,7 +60,6 @@ class Periodic(threading.Thread):
                 self.fn()
             except Exception:
                 log.exception("%s failed; trying again in %.0f s", self.name, self.interval)
-            self.runs += 1
 
     def shutdown(self) -> None:
         self._poke.set()
@@ -98,7 +91,6 @@ class Canary:
         self.alert_after = alert_after
         self.down_since: dict[str, float] = {}
         self.alerted: set[str] = set()
-        self.reasons: dict[str, str] = {}
 
     @property
     def healthy(self) -> bool:
@@ -110,7 +102,6 @@ class Canary:
             try:
                 check()
             except ResourceUnavailable as exc:
-                self.reasons[name] = str(exc)
                 if name not in self.down_since:
                     self.down_since[name] = now
                     log.error("%s unavailable, pausing transfers: %s", name, exc)
@@ -163,16 +154,14 @@ class Backfill:
     def __call__(self) -> int:
         now = time.time()
         since = now - self.hours * 3600
-        handled = self.catalog.handled_sources(
-            datetime.fromtimestamp(since, UTC).replace(tzinfo=None)
-        )
+        handled = self.catalog.handled_sources(utc_from_epoch(since))
         n = 0
         for path, mtime in scan(self.root, self.matcher, since):
             if mtime > now - self.recency_window:
                 continue
             done_at = handled.get(str(path))
             # a file written again after it was handled is a new file under an old name
-            if done_at is not None and _utc(mtime) <= done_at:
+            if done_at is not None and utc_from_epoch(mtime) <= done_at:
                 continue
             if self.queue.put(path):
                 n += 1

@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import stat
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -72,7 +71,6 @@ class Handler(FileSystemEventHandler):
         self.queue = queue
         self.matcher = matcher
         self.root = root
-        self.last_event = time.monotonic()
 
     def _take(self, raw: str | bytes, *, closed: bool) -> None:
         path = Path(os.fsdecode(raw))
@@ -84,7 +82,6 @@ class Handler(FileSystemEventHandler):
         if any(p.startswith(".") for p in parts[:-1]):
             return
         if self.matcher(path.name):
-            self.last_event = time.monotonic()
             self.queue.put(path, closed=closed)
 
     def on_any_event(self, event: FileSystemEvent) -> None:
@@ -111,12 +108,10 @@ class OverflowWatch(logging.Handler):
     def __init__(self, on_overflow: Callable[[], None]) -> None:
         super().__init__(logging.WARNING)
         self.on_overflow = on_overflow
-        self.seen = 0
         logging.getLogger(self.LOGGER).addHandler(self)
 
     def emit(self, record: logging.LogRecord) -> None:
         if "overflow" in record.getMessage().lower():
-            self.seen += 1
             log.error("inotify queue overflowed: events were lost; rescanning the source")
             self.on_overflow()
 
@@ -138,20 +133,3 @@ def start_observer(
     observer.daemon = True
     observer.start()
     return observer, handler
-
-
-def queue_scan(
-    root: Path,
-    queue: WorkQueue,
-    matcher: Matcher,
-    newer_than: float | None,
-    handled: Callable[[str], bool],
-) -> int:
-    """Queue every matching file not already handled; returns how many were queued."""
-    n = 0
-    for path, _mtime in scan(root, matcher, newer_than):
-        if handled(str(path)):
-            continue
-        if queue.put(path):
-            n += 1
-    return n

@@ -97,7 +97,6 @@ class Pool:
             threading.Thread(target=self._run, name=f"worker-{i}", daemon=True)
             for i in range(workers)
         ]
-        self.last_beat = time.monotonic()
 
     def start(self) -> None:
         for t in self._threads:
@@ -114,7 +113,6 @@ class Pool:
 
     def _run(self) -> None:
         while not self.stop.is_set():
-            self.last_beat = time.monotonic()
             item = self.queue.get(timeout=POLL_SECONDS)
             if item is None:
                 if self.ctx.burst and self.queue.idle():

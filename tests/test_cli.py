@@ -199,3 +199,23 @@ def test_dest_inside_source_is_refused(tree: Tree, capsys: pytest.CaptureFixture
         )
         assert rc == 2 and "must not contain each other" in err
     assert list(inner.iterdir()) == [] and list(tree.state.iterdir()) == []
+
+
+def test_watcher_flags_without_effect_in_a_one_off_run_are_announced(tree: Tree) -> None:
+    r = run_rt(
+        tree.src,
+        tree.dest,
+        "--backfill-only",
+        "--state-dir",
+        tree.state,
+        "--canary-interval",
+        "15",
+        "--overwrite-unpacked-hours",
+        "3",
+        "--workers",
+        "2",
+    )
+    assert r.returncode == 0, r.stderr
+    (line,) = [ln for ln in r.stderr.splitlines() if "no effect in a one-off run" in ln]
+    assert "--canary-interval" in line and "--overwrite-unpacked-hours" in line
+    assert "--workers" not in line

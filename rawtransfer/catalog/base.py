@@ -37,6 +37,34 @@ class State(StrEnum):
     RETRY = "retry"  # event only: a transient failure, the file goes back on the queue
 
 
+# The table's shape, shared by both catalogs: the upstream columns (``created_at``, with
+# its default, is added by each dialect), then the columns rawtransfer adds. Existing
+# upstream rows get state 'done'.
+UPSTREAM_COLUMNS = (
+    ("sha1_hash", "varchar(40) primary key"),
+    ("source_filepath", "text"),
+    ("file_created_at", "timestamp"),
+    ("file_transferred_at", "timestamp"),
+    ("filepath", "text"),
+)
+EXTRA_COLUMNS = (
+    ("state", "text not null default 'done'"),
+    ("error", "text"),
+    ("raw_sha1", "varchar(40)"),
+    ("raw_size", "bigint"),
+    ("packed_size", "bigint"),
+    ("obs_date", "date"),
+    ("claimed_by", "text"),
+    ("claimed_at", "timestamp"),
+    ("verified_at", "timestamp"),
+    ("updated_at", "timestamp"),
+    ("attempts", "integer not null default 0"),
+)
+# Columns the catalog owns; a metadata group may not be named like one of them.
+RESERVED_COLUMNS = frozenset(
+    {name for name, _ in (*UPSTREAM_COLUMNS, *EXTRA_COLUMNS)} | {"created_at"}
+)
+
 # Outcomes after which a source file needs nothing more.
 TERMINAL = frozenset({State.DONE, State.FAILED, State.QUARANTINED, State.DUPLICATE})
 
@@ -44,6 +72,11 @@ TERMINAL = frozenset({State.DONE, State.FAILED, State.QUARANTINED, State.DUPLICA
 def utcnow() -> datetime:
     """Naive UTC, matching upstream's ``timestamp without time zone`` columns."""
     return datetime.now(UTC).replace(tzinfo=None)
+
+
+def utc_from_epoch(epoch: float) -> datetime:
+    """A file time (seconds since the epoch) in the catalog's naive UTC."""
+    return datetime.fromtimestamp(epoch, UTC).replace(tzinfo=None)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,9 @@ from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from rawtransfer.catalog.base import (
+    EXTRA_COLUMNS,
     TERMINAL,
+    UPSTREAM_COLUMNS,
     ClaimOutcome,
     ClaimResult,
     FileFacts,
@@ -44,7 +46,6 @@ from rawtransfer.catalog.base import (
     judge_existing,
     utcnow,
 )
-from rawtransfer.catalog.sqlite import _EXTRA_COLUMNS  # one table shape for both catalogs
 from rawtransfer.config import IDENTIFIER_RE, Settings
 from rawtransfer.errors import CatalogUnavailable, ConfigError, FileFailed
 
@@ -95,13 +96,6 @@ SCHEMA_LOCK_TIMEOUT_MS = 10_000
 # close() waits this long for the pool's threads to finish what they are doing.
 POOL_CLOSE_TIMEOUT = 5.0
 
-UPSTREAM_COLUMNS = (
-    ("sha1_hash", "varchar(40) primary key"),
-    ("source_filepath", "text"),
-    ("file_created_at", "timestamp"),
-    ("file_transferred_at", "timestamp"),
-    ("filepath", "text"),
-)
 # Metadata columns created by rawtransfer have no declared type upstream could tell us;
 # text holds every value a regex group yields (integers are cast on assignment), while
 # an existing upstream table keeps its own smallint/int columns.
@@ -356,7 +350,7 @@ class PostgresCatalog:
                 f"create it with: raw-transfer db init --db-table {self.table} (and the same "
                 "--db-* and --metadata-regex flags)"
             )
-        need = [c for c, _ in (*UPSTREAM_COLUMNS, *_EXTRA_COLUMNS)]
+        need = [c for c, _ in (*UPSTREAM_COLUMNS, *EXTRA_COLUMNS)]
         need += ["created_at", *self.metadata_columns]
         missing = [c for c in need if c not in have]
         if have_ev is None or missing or any(c not in have_ev for c in _EVENT_COLUMNS):
@@ -651,7 +645,7 @@ def _schema_statements(
     if create:
         # the upstream DDL (SPEC.md), then the metadata and the extra columns
         cols = [*UPSTREAM_COLUMNS, *meta, ("created_at", "timestamp default now() not null")]
-        cols += list(_EXTRA_COLUMNS)
+        cols += list(EXTRA_COLUMNS)
         out.append(
             sql.SQL("create table if not exists {t} ({cols})").format(
                 t=t,
@@ -662,7 +656,7 @@ def _schema_statements(
         )
     # On an existing (upstream) table: a constant default makes ADD COLUMN a catalog-only
     # change in PostgreSQL 11+, and state defaults to 'done', which is what upstream rows are.
-    for c, ddl in (*meta, *_EXTRA_COLUMNS):
+    for c, ddl in (*meta, *EXTRA_COLUMNS):
         out.append(
             sql.SQL("alter table {t} add column if not exists {c} {ddl}").format(
                 t=t, c=sql.Identifier(c), ddl=sql.SQL(ddl)

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from rawtransfer.catalog.base import (
+    EXTRA_COLUMNS,
     TERMINAL,
+    UPSTREAM_COLUMNS,
     ClaimOutcome,
     ClaimResult,
     FileFacts,
@@ -30,20 +32,6 @@ from rawtransfer.errors import CatalogUnavailable, ConfigError
 # Another process on this host (a backfill run beside the service) may hold the write
 # lock for a moment; half a minute is far longer than any statement here takes.
 BUSY_TIMEOUT_MS = 30_000
-
-_EXTRA_COLUMNS = (
-    ("state", "text not null default 'done'"),
-    ("error", "text"),
-    ("raw_sha1", "varchar(40)"),
-    ("raw_size", "bigint"),
-    ("packed_size", "bigint"),
-    ("obs_date", "date"),
-    ("claimed_by", "text"),
-    ("claimed_at", "timestamp"),
-    ("verified_at", "timestamp"),
-    ("updated_at", "timestamp"),
-    ("attempts", "integer not null default 0"),
-)
 
 
 def _ident(name: str) -> str:
@@ -80,15 +68,12 @@ class SqliteCatalog:
 
     def _create(self) -> None:
         meta = "".join(f", {_ident(c)}" for c in self.metadata_columns)
-        extra = "".join(f", {name} {ddl}" for name, ddl in _EXTRA_COLUMNS)
+        upstream = ", ".join(f"{name} {ddl}" for name, ddl in UPSTREAM_COLUMNS)
+        extra = "".join(f", {name} {ddl}" for name, ddl in EXTRA_COLUMNS)
         self._db.executescript(
             f"""
             create table if not exists {self.t} (
-                sha1_hash varchar(40) primary key,
-                source_filepath text,
-                file_created_at timestamp,
-                file_transferred_at timestamp,
-                filepath text{meta},
+                {upstream}{meta},
                 created_at timestamp default current_timestamp not null{extra}
             );
             create index if not exists {_ident(self.table + "_source_idx")}

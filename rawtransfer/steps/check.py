@@ -16,7 +16,6 @@ from astropy.io import fits
 from astropy.utils.exceptions import AstropyUserWarning
 
 from rawtransfer.errors import FileRejected
-from rawtransfer.names import q
 
 
 @dataclass(frozen=True)
@@ -69,9 +68,9 @@ def check(path: Path) -> CheckResult:
     except FileRejected:
         raise
     except (OSError, ValueError, TypeError, KeyError, IndexError, AstropyUserWarning) as exc:
-        raise FileRejected(f"{q(path)}: {_describe(exc)}") from None
+        raise FileRejected(f"{_describe(exc)}") from None
     if not headers:
-        raise FileRejected(f"{q(path)}: no HDUs")
+        raise FileRejected("no HDUs")
     return CheckResult(headers=tuple(headers), float_images=float_images, packed=packed)
 
 

@@ -20,15 +20,14 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
+from rawtransfer.destination.base import TMP_SUFFIX
 from rawtransfer.errors import PackError
-from rawtransfer.names import q
 
 log = logging.getLogger(__name__)
 
 # fpack packs a 100 MB frame in one to two seconds; ten minutes means it is stuck
 # (a hung NFS read, say), not slow, and the worker must get its thread back.
 FPACK_TIMEOUT = 600.0
-TMP_SUFFIX = ".rt-tmp"
 
 
 def fpack_args(float_images: bool) -> list[str]:
@@ -40,8 +39,8 @@ def fpack_args(float_images: bool) -> list[str]:
     return args
 
 
-def spool_name(spool: Path, source: Path) -> Path:
-    """A unique temporary name in the spool; fpack refuses to overwrite."""
+def spool_name(spool: Path) -> Path:
+    """A unique, hidden temporary name in the spool, created exclusively (never reused)."""
     return spool / f".{uuid.uuid4().hex}.fits.fz{TMP_SUFFIX}"
 
 
@@ -64,7 +63,7 @@ def pack(source: Path, spool: Path, *, float_images: bool) -> Path:
     reads file *names* with its extended syntax (``x.fits[1]``, ``$VAR``, ``(out)``...),
     so a camera's file name must never reach it.
     """
-    out = spool_name(spool, source)
+    out = spool_name(spool)
     cmd = [*fpack_args(float_images), "-S", "-"]
     try:
         with open(source, "rb") as inp, open(out, "xb") as outp:
@@ -78,7 +77,7 @@ def pack(source: Path, spool: Path, *, float_images: bool) -> Path:
             )
     except subprocess.TimeoutExpired:
         out.unlink(missing_ok=True)
-        raise PackError(f"{q(source)}: fpack took longer than {FPACK_TIMEOUT:.0f} s") from None
+        raise PackError(f"fpack took longer than {FPACK_TIMEOUT:.0f} s") from None
     except FileNotFoundError as exc:
         out.unlink(missing_ok=True)
         if exc.filename == "fpack" or not Path(source).exists():
@@ -87,7 +86,7 @@ def pack(source: Path, spool: Path, *, float_images: bool) -> Path:
     if proc.returncode != 0 or out.stat().st_size == 0:
         out.unlink(missing_ok=True)
         msg = " ".join(proc.stderr.decode(errors="replace").split())[:300]
-        raise PackError(f"{q(source)}: fpack exited {proc.returncode}: {msg}")
+        raise PackError(f"fpack exited {proc.returncode}: {msg}")
     try:
         verify_packed(source, out)
     except BaseException:
@@ -125,21 +124,19 @@ def verify_packed(original: Path, packed: Path) -> None:
         ):
             ha, hb = _data_hdus(a), _data_hdus(b)
             if len(ha) != len(hb):
-                raise PackError(
-                    f"{q(original)}: packed file has {len(hb)} data HDUs, original {len(ha)}"
-                )
+                raise PackError(f"packed file has {len(hb)} data HDUs, original {len(ha)}")
             for i, (x, y) in enumerate(zip(ha, hb, strict=True)):
                 if x.is_image:
                     if not (y.is_image or isinstance(y, fits.CompImageHDU)):
-                        raise PackError(f"{q(original)}: HDU {i} changed kind when packed")
+                        raise PackError(f"HDU {i} changed kind when packed")
                     for card in ("BZERO", "BSCALE", "BLANK"):
                         if x.header.get(card) != y.header.get(card):
-                            raise PackError(f"{q(original)}: HDU {i} {card} changed when packed")
+                            raise PackError(f"HDU {i} {card} changed when packed")
                     if _image_bytes(x) != _image_bytes(y):
-                        raise PackError(f"{q(original)}: HDU {i} pixels differ after unpacking")
+                        raise PackError(f"HDU {i} pixels differ after unpacking")
                 elif _raw_data(original, x) != _raw_data(packed, y):
-                    raise PackError(f"{q(original)}: HDU {i} table data differ when packed")
+                    raise PackError(f"HDU {i} table data differ when packed")
     except PackError:
         raise
     except Exception as exc:  # anything astropy raises means the .fz is not usable
-        raise PackError(f"{q(original)}: packed file does not decompress: {exc}") from None
+        raise PackError(f"packed file does not decompress: {exc}") from None

@@ -18,7 +18,6 @@ from pathlib import Path
 from astropy.io import fits
 
 from rawtransfer.errors import FileIncomplete, FileRejected
-from rawtransfer.names import q
 
 BLOCK = 2880
 
@@ -75,37 +74,31 @@ def fits_expected_size(path: Path) -> int:
             fh.seek(pos)
             first = fh.read(80)
             if index == 0 and not first.startswith(b"SIMPLE  ="):
-                raise FileRejected(f"{q(path)}: not a FITS file (no SIMPLE card)")
+                raise FileRejected("not a FITS file (no SIMPLE card)")
             if index > 0 and not first.startswith(b"XTENSION="):
                 if first.strip(b"\x00 ") == b"" and len(first) < 80:
-                    raise FileIncomplete(f"{q(path)}: ends inside HDU {index}")
-                raise FileRejected(f"{q(path)}: {size - pos} trailing bytes after HDU {index - 1}")
+                    raise FileIncomplete(f"ends inside HDU {index}")
+                raise FileRejected(f"{size - pos} trailing bytes after HDU {index - 1}")
             fh.seek(pos)
             try:
                 header = fits.Header.fromfile(fh, endcard=True, padding=True)
             except EOFError:
-                raise FileIncomplete(
-                    f"{q(path)}: truncated inside the header of HDU {index}"
-                ) from None
+                raise FileIncomplete(f"truncated inside the header of HDU {index}") from None
             except (ValueError, OSError) as exc:
                 if fh.tell() >= size:
-                    raise FileIncomplete(
-                        f"{q(path)}: truncated inside the header of HDU {index}"
-                    ) from None
-                raise FileRejected(f"{q(path)}: unreadable header of HDU {index}: {exc}") from None
+                    raise FileIncomplete(f"truncated inside the header of HDU {index}") from None
+                raise FileRejected(f"unreadable header of HDU {index}: {exc}") from None
             header_end = fh.tell()
             if header_end > size or (header_end - pos) % BLOCK:
-                raise FileIncomplete(f"{q(path)}: truncated inside the header of HDU {index}")
+                raise FileIncomplete(f"truncated inside the header of HDU {index}")
             try:
                 dsize = data_size(header)
             except (KeyError, ValueError, TypeError) as exc:
-                raise FileRejected(
-                    f"{q(path)}: HDU {index} has a malformed size card: {exc}"
-                ) from None
+                raise FileRejected(f"HDU {index} has a malformed size card: {exc}") from None
             pos = header_end + _padded(dsize)
             index += 1
     if pos > size:
-        raise FileIncomplete(f"{q(path)}: truncated: headers declare {pos} bytes, file has {size}")
+        raise FileIncomplete(f"truncated: headers declare {pos} bytes, file has {size}")
     return pos
 
 
@@ -134,7 +127,7 @@ def settle(
     if not closed and age < patience:
         return Wait(patience - age)
     if st.st_size == 0:
-        raise FileIncomplete(f"{q(path)}: empty file (zero bytes)")
+        raise FileIncomplete("empty file (zero bytes)")
     fits_expected_size(path)
     st2 = lstat_regular(path)
     if (st2.st_size, st2.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
