@@ -101,3 +101,29 @@ def check_archive(
             date_obs = next(hd.header["DATE-OBS"] for hd in h if "DATE-OBS" in hd.header)
         y, m, d = date_obs[:10].split("-")
         assert f.parent.relative_to(archive).parts == (y, m, d)
+
+
+def start_watcher(
+    src: Path, dest: Path, state: Path, log: Path, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """The real daemon in watcher mode, its log in ``log``; returns once it watches."""
+    proc = subprocess.Popen(
+        [
+            *RAW_TRANSFER,
+            str(src),
+            str(dest),
+            "--patterns",
+            "*.fits",
+            "--state-dir",
+            str(state),
+            "--workers",
+            "2",
+            *extra,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("wb"),
+        env={**os.environ, **(env or {})},
+    )
+    wait_for(lambda: b"watching" in log.read_bytes() or proc.poll() is not None, 30, "start")
+    assert proc.poll() is None, log.read_text()
+    return proc

@@ -15,7 +15,14 @@ from astropy.io import fits
 
 from rawtransfer import synth
 from tests.conftest import Tree
-from tests.helpers import RAW_TRANSFER, check_archive, run_rt, sqlite_rows, wait_for
+from tests.helpers import (
+    RAW_TRANSFER,
+    check_archive,
+    run_rt,
+    sqlite_rows,
+    start_watcher,
+    wait_for,
+)
 
 META = r"t(?P<tel>\d)_r(?P<run>\d+)_ut(?P<ut>\d)\.fits"
 ODD_NAMES = [
@@ -181,26 +188,7 @@ def test_same_content_already_at_destination_counts_as_done(tree: Tree, tmp_path
 
 def _start_watcher(tree: Tree, *extra: str) -> tuple[subprocess.Popen[bytes], Path]:
     log = tree.root / "rt.log"
-    proc = subprocess.Popen(
-        [
-            *RAW_TRANSFER,
-            str(tree.src),
-            str(tree.dest),
-            "--patterns",
-            "*.fits",
-            "--state-dir",
-            str(tree.state),
-            "--patience",
-            "1.5",
-            "--workers",
-            "2",
-            *extra,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("wb"),
-    )
-    wait_for(lambda: b"watching" in log.read_bytes(), 30, "the watcher to start")
-    return proc, log
+    return start_watcher(tree.src, tree.dest, tree.state, log, "--patience", "1.5", *extra), log
 
 
 def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:

@@ -25,7 +25,7 @@ from rawtransfer.sdnotify import Notifier
 from rawtransfer.timers import Backfill, Backlog
 from rawtransfer.watch import Matcher, OverflowWatch
 from tests.conftest import Tree
-from tests.helpers import RAW_TRANSFER, sqlite_rows, wait_for
+from tests.helpers import sqlite_rows, start_watcher, wait_for
 
 
 class FakeSlack:
@@ -75,30 +75,8 @@ def start(
     tree: Tree, *extra: str, env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen[bytes], Path]:
     log = tree.root / "rt.log"
-    proc = subprocess.Popen(
-        [
-            *RAW_TRANSFER,
-            str(tree.src),
-            str(tree.dest),
-            "--patterns",
-            "*.fits",
-            "--state-dir",
-            str(tree.state),
-            "--patience",
-            "1",
-            "--workers",
-            "2",
-            "--canary-interval",
-            "0.5",
-            *extra,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("wb"),
-        env={**os.environ, **(env or {})},
-    )
-    wait_for(lambda: b"watching" in log.read_bytes() or proc.poll() is not None, 30, "start")
-    assert proc.poll() is None, log.read_text()
-    return proc, log
+    args = ("--patience", "1", "--canary-interval", "0.5", *extra)
+    return start_watcher(tree.src, tree.dest, tree.state, log, *args, env=env), log
 
 
 def stop(proc: subprocess.Popen[bytes]) -> int:
