@@ -92,3 +92,7 @@ class Interrupted(RawTransferError):
     """interrupted by shutdown"""
 
     retryable = True
+
+
+class DestinationLink(FileFailed):
+    """destination path goes through a symbolic link"""

@@ -151,10 +151,8 @@ def test_publish_new_file(dest: tuple[Destination, Path], packed: Callable[[byte
     target = root / REL
     assert target.read_bytes() == data
     assert stat.S_IMODE(target.stat().st_mode) == 0o640
-    # LocalDestination leaves the year and month directories to the umask (Path.mkdir
-    # with parents=True applies the mode to the last one only)
-    subs = ("2024/03/05",) if isinstance(d, LocalDestination) else ("2024", "2024/03", "2024/03/05")
-    for sub in subs:
+    # every directory made gets the mode (LocalDestination's is masked by the umask)
+    for sub in ("2024", "2024/03", "2024/03/05"):
         assert stat.S_IMODE((root / sub).stat().st_mode) == 0o750
     assert d.sha1(REL) == sha1_of(data)
     assert d.full_path(REL) == str(root / REL)

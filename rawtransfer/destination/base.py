@@ -4,6 +4,10 @@ Publishing is atomic and never clobbers: the bytes go to a temporary name in the
 directory, are flushed, then linked to the final name, which fails if that name exists.
 An existing file with the same content counts as done (doing a finished file again is a
 success); a different one is a conflict and is never overwritten.
+
+Nothing is read or written through a symbolic link below the root: a year, month or day
+directory, or a final name, that is a link fails the file with ``DestinationLink``. The
+root itself may be a link (a mount made elsewhere).
 """
 
 from __future__ import annotations

@@ -1,4 +1,11 @@
-"""A local or mounted directory as the destination (the embedded default)."""
+"""A local or mounted directory as the destination (the embedded default).
+
+Every path below the root is walked one component at a time with ``O_NOFOLLOW``
+descriptors (``openat`` and friends), so nothing is ever read, written, linked or
+removed through a symbolic link inside the archive tree, not even when one appears
+between a check and the write. The root itself may be a link (a mount point made
+elsewhere).
+"""
 
 from __future__ import annotations
 
@@ -7,15 +14,30 @@ import errno
 import hashlib
 import logging
 import os
+import stat
 import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
-from rawtransfer.destination.base import CHUNK, DIR_MODE, FILE_MODE, TMP_SUFFIX, Published
-from rawtransfer.errors import DestinationConflict, DestinationUnavailable, Interrupted
+from rawtransfer.destination.base import (
+    CHUNK,
+    DIR_MODE,
+    FILE_MODE,
+    TMP_SUFFIX,
+    Published,
+)
+from rawtransfer.errors import (
+    DestinationConflict,
+    DestinationLink,
+    DestinationUnavailable,
+    Interrupted,
+)
 from rawtransfer.names import q
 
 log = logging.getLogger(__name__)
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def fsync_dir(path: Path) -> None:
@@ -44,20 +66,77 @@ class LocalDestination:
     def full_path(self, rel: PurePosixPath) -> str:
         return str(self.root / rel)
 
-    def _sha1_of(self, path: Path) -> str:
-        with open(path, "rb") as fh:
+    # walking the tree without following links ------------------------------------------
+    @contextlib.contextmanager
+    def _dir(self, parts: tuple[str, ...], create: bool = False) -> Iterator[int]:
+        """A descriptor of root/parts, opened component by component without following a
+        link below the root; missing directories are made when ``create``."""
+        # the root itself is followed (and never created): it may be a mount elsewhere
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            current = self.root
+            for part in parts:
+                current = current / part
+                sub = self._step(fd, part, current, create)
+                os.close(fd)
+                fd = sub
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _step(self, parent: int, name: str, path: Path, create: bool) -> int:
+        """Open ``name`` in ``parent`` as a directory."""
+        try:
+            for _ in range(3):  # a race with another worker's mkdir, at worst
+                try:
+                    return os.open(name, _DIR_FLAGS, dir_fd=parent)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                with contextlib.suppress(FileExistsError):
+                    # the mode is masked by the umask (the unit sets 0027); umask() itself
+                    # is process-wide and must not be changed from a worker thread
+                    os.mkdir(name, self.dir_mode, dir_fd=parent)
+            return os.open(name, _DIR_FLAGS, dir_fd=parent)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTDIR, errno.ELOOP) and _is_link(parent, name):
+                raise DestinationLink(q(path)) from None
+            if exc.errno == errno.ENOTDIR:
+                raise DestinationUnavailable(f"{q(path)} exists and is not a directory") from None
+            raise
+
+    def _open_file(self, dirfd: int, name: str, path: Path) -> int:
+        """Open an existing file for reading; a link is refused, not followed."""
+        try:
+            return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP and _is_link(dirfd, name):
+                raise DestinationLink(q(path)) from None
+            raise
+
+    def _sha1_at(self, dirfd: int, name: str, path: Path) -> str:
+        fd = self._open_file(dirfd, name, path)
+        with os.fdopen(fd, "rb") as fh:
             return hashlib.file_digest(fh, "sha1").hexdigest()
 
+    # the protocol -----------------------------------------------------------------------
     def sha1(self, rel: PurePosixPath) -> str | None:
+        path = self.root / rel
         try:
-            return self._sha1_of(self.root / rel)
+            with self._dir(rel.parts[:-1]) as dirfd:
+                return self._sha1_at(dirfd, rel.name, path)
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise DestinationUnavailable(f"reading {q(self.root / rel)}: {exc.strerror}") from None
+            raise DestinationUnavailable(f"reading {q(path)}: {exc.strerror or exc}") from None
 
-    def _existing(self, target: Path, sha1: str) -> Published:
-        if self._sha1_of(target) == sha1:
+    def _existing(self, dirfd: int, name: str, target: Path, sha1: str) -> Published:
+        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):
+            raise DestinationLink(q(target))
+        if not stat.S_ISREG(st.st_mode):
+            raise DestinationConflict(f"{q(target)} exists and is not a regular file; not replaced")
+        if self._sha1_at(dirfd, name, target) == sha1:
             return Published.PRESENT
         raise DestinationConflict(f"{q(target)} exists with different content; not overwritten")
 
@@ -65,47 +144,43 @@ class LocalDestination:
         self, local: Path, rel: PurePosixPath, sha1: str, stop: threading.Event
     ) -> Published:
         target = self.root / rel
+        name = rel.name
         try:
             # never create the root: it may be an unmounted mount point on the local disk
             self.check()
-            if os.path.lexists(target):
-                return self._existing(target, sha1)
-            self._makedirs(target.parent)
-            tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}"
-            try:
-                self._copy(local, tmp, stop)
+            with self._dir(rel.parts[:-1], create=True) as dirfd:
+                if _lexists(dirfd, name):
+                    return self._existing(dirfd, name, target, sha1)
+                tmp = f".{name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}"
                 try:
-                    os.link(tmp, target)  # fails if target exists: never clobbers
-                except FileExistsError:
-                    return self._existing(target, sha1)
-                except OSError as exc:
-                    if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV):
-                        raise
-                    # no hard links on this filesystem (some FUSE/SMB mounts): check, then
-                    # rename; the window between the two is the best such a mount allows
-                    if os.path.lexists(target):
-                        return self._existing(target, sha1)
-                    os.rename(tmp, target)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-            fsync_dir(target.parent)
+                    self._copy(local, dirfd, tmp, stop)
+                    try:
+                        # fails if the name exists, link or not: never clobbers
+                        os.link(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+                    except FileExistsError:
+                        return self._existing(dirfd, name, target, sha1)
+                    except OSError as exc:
+                        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV):
+                            raise
+                        # no hard links on this filesystem (some FUSE/SMB mounts): check,
+                        # then rename; the window between the two is the best such a mount
+                        # allows
+                        if _lexists(dirfd, name):
+                            return self._existing(dirfd, name, target, sha1)
+                        os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp, dir_fd=dirfd)
+                os.fsync(dirfd)
             return Published.NEW
-        except (DestinationConflict, Interrupted):
+        except (DestinationConflict, DestinationLink, DestinationUnavailable, Interrupted):
             raise
         except OSError as exc:
             raise DestinationUnavailable(f"writing {q(target)}: {exc.strerror or exc}") from None
 
-    def _makedirs(self, path: Path) -> None:
-        if path.is_dir():
-            return
-        # exist_ok: two workers creating the same day directory at once is not an error.
-        # The mode is masked by the umask (the unit sets 0027); umask() itself is
-        # process-wide and must not be changed from a worker thread.
-        path.mkdir(mode=self.dir_mode, parents=True, exist_ok=True)
-
-    def _copy(self, src: Path, tmp: Path, stop: threading.Event) -> None:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self.file_mode)
+    def _copy(self, src: Path, dirfd: int, tmp: str, stop: threading.Event) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, self.file_mode, dir_fd=dirfd)
         with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
             while chunk := inp.read(CHUNK):
                 if stop.is_set():
@@ -113,10 +188,25 @@ class LocalDestination:
                 out.write(chunk)
             out.flush()
             os.fsync(out.fileno())
-        os.chmod(tmp, self.file_mode)
+            os.fchmod(out.fileno(), self.file_mode)
 
     def file_done(self) -> None:
         pass
 
     def close(self) -> None:
         pass
+
+
+def _is_link(dirfd: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def _lexists(dirfd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True

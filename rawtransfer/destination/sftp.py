@@ -64,7 +64,12 @@ from paramiko.sftp import (
 )
 
 from rawtransfer.config import RemoteDest
-from rawtransfer.destination.base import DIR_MODE, FILE_MODE, TMP_SUFFIX, Published
+from rawtransfer.destination.base import (
+    DIR_MODE,
+    FILE_MODE,
+    TMP_SUFFIX,
+    Published,
+)
 from rawtransfer.destination.sftp_wire import (
     FSYNC,
     HARDLINK,
@@ -86,7 +91,9 @@ from rawtransfer.destination.ssh_target import (
 )
 from rawtransfer.errors import (
     DestinationConflict,
+    DestinationLink,
     DestinationUnavailable,
+    FileFailed,
     Interrupted,
 )
 from rawtransfer.names import q
@@ -249,7 +256,7 @@ class SftpDestination:
         target = os.fsencode(self.full_path(rel))
         return self._run(
             f"writing {q(self.full_path(rel))}",
-            lambda conn: self._publish(conn, local, target, sha1, stop),
+            lambda conn: self._publish(conn, local, self._dirs(rel), target, sha1, stop),
             self.copy_timeout,
             stop,
         )
@@ -258,8 +265,12 @@ class SftpDestination:
         path = os.fsencode(self.full_path(rel))
 
         def run(conn: _Connection) -> str | None:
-            st = conn.lstat(path)
-            return None if st is None else self._remote_sha1(conn, path, st.st_size)
+            _, st = self._inspect(conn, self._dirs(rel), path)
+            if st is None:
+                return None
+            if stat.S_ISLNK(st.st_mode or 0):
+                raise DestinationLink(q(os.fsdecode(path)))
+            return self._remote_sha1(conn, path, st.st_size)
 
         return self._run(f"checksumming {q(self.full_path(rel))}", run, self.copy_timeout)
 
@@ -460,7 +471,7 @@ class SftpDestination:
             try:
                 with self._guarded(conn.sock, guard, stop):
                     return op(conn)
-            except (DestinationConflict, DestinationUnavailable, Interrupted):
+            except (FileFailed, DestinationUnavailable, Interrupted):
                 raise
             except Exception as exc:
                 lost = is_connection_lost(exc) or bool(guard.fired) or not conn.alive()
@@ -498,15 +509,50 @@ class SftpDestination:
             raise DestinationUnavailable(f"{self.where} is not writable: {exc}") from None
         conn.remove(probe)
 
+    def _dirs(self, rel: PurePosixPath) -> list[bytes]:
+        """The directories between the root and ``rel`` (year, month, day)."""
+        parts = rel.parts[:-1]
+        return [os.fsencode(posixpath.join(self.root, *parts[: i + 1])) for i in range(len(parts))]
+
+    def _inspect(
+        self, conn: _Connection, dirs: list[bytes], target: bytes
+    ) -> tuple[int, paramiko.SFTPAttributes | None]:
+        """How many of ``dirs`` exist (each a real directory, never a link), and the
+        ``lstat`` of ``target``; one round trip. SFTP has no ``openat``: a link made
+        between this look and the write is not seen (locally it is)."""
+        found = conn.lstat_many([*dirs, target])
+        for have, (path, st) in enumerate(zip(dirs, found, strict=False)):
+            if st is None:
+                return have, None
+            self._real_directory(path, st)
+        return len(dirs), found[-1]
+
+    @staticmethod
+    def _real_directory(path: bytes, st: paramiko.SFTPAttributes) -> None:
+        mode = st.st_mode or 0
+        if stat.S_ISLNK(mode):
+            raise DestinationLink(q(os.fsdecode(path)))
+        if not stat.S_ISDIR(mode):
+            shown = q(os.fsdecode(path))
+            raise DestinationUnavailable(f"{shown} exists and is not a directory")
+
     def _publish(
-        self, conn: _Connection, local: Path, target: bytes, sha1: str, stop: threading.Event
+        self,
+        conn: _Connection,
+        local: Path,
+        dirs: list[bytes],
+        target: bytes,
+        sha1: str,
+        stop: threading.Event,
     ) -> Published:
-        existing = conn.lstat(target)
+        have, existing = self._inspect(conn, dirs, target)
         if existing is not None:
             return self._existing(conn, target, existing, sha1)
+        self._makedirs(conn, dirs[have:])
         parent, name = posixpath.split(target)
         tmp = posixpath.join(parent, b"." + name + f".{secrets.token_hex(6)}{TMP_SUFFIX}".encode())
-        handle = self._create(conn, tmp, parent)
+        flags = SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_EXCL
+        handle = conn.open(tmp, flags, self.file_mode)
         try:
             with open(local, "rb") as src:
                 self._upload(conn, handle, tmp, src, stop)
@@ -517,33 +563,17 @@ class SftpDestination:
         conn.remove(tmp)  # the final name holds the data now (the rename fallback left none)
         return result
 
-    def _create(self, conn: _Connection, tmp: bytes, parent: bytes) -> bytes:
-        flags = SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_EXCL
-        try:
-            return conn.open(tmp, flags, self.file_mode)
-        except RemoteError as exc:
-            # directories are made only when the write says they are missing
-            if exc.code != SFTP_NO_SUCH_FILE:
-                raise
-        self._makedirs(conn, parent)
-        return conn.open(tmp, flags, self.file_mode)
-
-    def _makedirs(self, conn: _Connection, path: bytes) -> None:
-        root = os.fsencode(self.root)
-        rel = posixpath.relpath(path, root)
-        current = root
-        for part in rel.split(b"/"):
-            current = posixpath.join(current, part)
+    def _makedirs(self, conn: _Connection, missing: list[bytes]) -> None:
+        """Make the missing directories below the root, in order (never the root)."""
+        for current in missing:
             try:
                 conn.mkdir(current, self.dir_mode)
             except RemoteError:
-                st = conn.lstat(current, follow=True)
-                if st is not None and stat.S_ISDIR(st.st_mode or 0):
-                    continue  # made a moment ago by another worker: that is fine
+                st = conn.lstat(current)
                 if st is not None:
-                    shown = q(os.fsdecode(current))
-                    raise DestinationUnavailable(f"{shown} exists and is not a directory") from None
-                if conn.lstat(root, follow=True) is None:
+                    self._real_directory(current, st)
+                    continue  # made a moment ago by another worker: that is fine
+                if conn.lstat(os.fsencode(self.root), follow=True) is None:
                     # never created here: that would fill an unmounted mount point
                     raise DestinationUnavailable(f"{self.where} does not exist") from None
                 raise
@@ -627,6 +657,8 @@ class SftpDestination:
         self, conn: _Connection, target: bytes, st: paramiko.SFTPAttributes, sha1: str
     ) -> Published:
         shown = q(os.fsdecode(target))
+        if stat.S_ISLNK(st.st_mode or 0):
+            raise DestinationLink(shown)
         if not stat.S_ISREG(st.st_mode or 0):
             raise DestinationConflict(f"{shown} exists and is not a regular file; not replaced")
         if self._remote_sha1(conn, target) == sha1:

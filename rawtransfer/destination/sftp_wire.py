@@ -236,6 +236,25 @@ class _Connection:
             raise
         return paramiko.SFTPAttributes._from_msg(msg)
 
+    def lstat_many(self, paths: list[bytes]) -> list[paramiko.SFTPAttributes | None]:
+        """``lstat`` of several paths in one round trip; None for each that is missing."""
+        nums = [self.send(CMD_LSTAT, path) for path in paths]
+        out: list[paramiko.SFTPAttributes | None] = []
+        for i, (path, num) in enumerate(zip(paths, nums, strict=True)):
+            try:
+                msg = self.expect(num, CMD_ATTRS, path)
+            except RemoteError as exc:
+                if exc.code == SFTP_NO_SUCH_FILE:
+                    out.append(None)
+                    continue
+                self.ignore(nums[i + 1 :])
+                raise
+            except BaseException:
+                self.ignore(nums[i + 1 :])
+                raise
+            out.append(paramiko.SFTPAttributes._from_msg(msg))
+        return out
+
     def open(self, path: bytes, flags: int, mode: int | None = None) -> bytes:
         attrs = paramiko.SFTPAttributes()
         if mode is not None:
