@@ -1,9 +1,11 @@
 """Destination hygiene, for the local directory and the SFTP destination alike.
 
-Nothing is written or read through a symbolic link inside the archive tree: a year,
-month or day directory that is a link, or a final name that is a link (dangling, to
-identical content, to other content), fails the file with ``DestinationLink``; the root
-itself may be a link (operators mount things).
+* Nothing is written or read through a symbolic link inside the archive tree: a year,
+  month or day directory that is a link, or a final name that is a link (dangling, to
+  identical content, to other content), fails the file with ``DestinationLink``; the root
+  itself may be a link (operators mount things).
+* A full destination says so ("destination full? N bytes free"), over SFTP too, where
+  the server only answers "Failure".
 
 The destinations and fixtures are the contract suite's (tests/test_sftp_destination.py):
 local, SFTP with exec, and SFTP-only (rename instead of hardlink, read-back SHA1).
@@ -11,21 +13,26 @@ local, SFTP with exec, and SFTP-only (rename instead of hardlink, read-back SHA1
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from rawtransfer.destination.base import Destination, Published
+from rawtransfer.destination.local import LocalDestination
 from rawtransfer.errors import (
     DestinationLink,
+    DestinationUnavailable,
     FileFailed,
     ResourceUnavailable,
 )
 from tests import test_sftp_destination as contract
+from tests.ssh_fixture import SshServer
 
 REL = contract.REL  # 2024/03/05/NAME
 sha1_of = contract.sha1_of
@@ -145,3 +152,60 @@ def test_the_root_itself_may_be_a_link(
     assert d.sha1(REL) == sha1_of(data)
     assert (real / REL).read_bytes() == data
     assert d.publish(packed(data), REL, sha1_of(data), threading.Event()) == Published.PRESENT
+
+
+# --- 2. a full destination says so --------------------------------------------------------
+
+
+@contextlib.contextmanager
+def small_tmpfs(where: Path, size: str = "1m") -> Iterator[Path]:
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        r = subprocess.run(["umount", str(where)], check=False, capture_output=True)
+        if r.returncode != 0:  # still busy a moment after the last session: detach it
+            subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+@pytest.fixture(params=["local", "sftp", "sftp-only"])
+def full_dest(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Destination, Path]]:
+    """A destination whose root is a 1 MiB tmpfs (torn down after the destination)."""
+    with small_tmpfs(tmp_path / "small") as root:
+        if request.param == "local":
+            yield LocalDestination(root), root
+            return
+        server: SshServer = request.getfixturevalue("sshd_server")
+        make = contract_factory(request)
+        alias = server.alias if request.param == "sftp" else server.sftp_only_alias
+        d = make(root, alias)
+        try:
+            yield d, root
+        finally:
+            d.close()
+
+
+def contract_factory(request: pytest.FixtureRequest) -> contract.DestFactory:
+    factory: contract.DestFactory = request.getfixturevalue("sftp_dest")
+    return factory
+
+
+def test_a_full_destination_says_so(
+    full_dest: tuple[Destination, Path], packed: Callable[[bytes], Path]
+) -> None:
+    d, root = full_dest
+    data = os.urandom(2 << 20)  # twice the filesystem
+    d.check()
+    with pytest.raises(DestinationUnavailable) as info:
+        d.publish(packed(data), REL, sha1_of(data), threading.Event())
+    message = str(info.value)
+    m = re.search(r"destination full\? (\d+) bytes free", message)
+    assert m, message
+    assert 0 <= int(m.group(1)) < 64 << 10  # as it was when the write failed
+    assert str(root / REL.parent) in message or str(root) in message
+    assert info.value.retryable  # the file waits; the queue pauses
+    assert temps(root) == []
+    # once there is room, the same file goes through
+    small = os.urandom(1000)
+    assert d.publish(packed(small), REL, sha1_of(small), threading.Event()) == Published.NEW

@@ -25,6 +25,12 @@ FILE_MODE = 0o640
 DIR_MODE = 0o750
 
 
+def full_message(what: str, exc: OSError, free: int | None) -> str:
+    """``writing X: No space left on device (destination full? N bytes free)``."""
+    space = "free space unknown" if free is None else f"{free} bytes free"
+    return f"{what}: {exc.strerror or exc} (destination full? {space})"
+
+
 class Published(StrEnum):
     NEW = "published"
     PRESENT = "already present"

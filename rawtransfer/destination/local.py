@@ -26,6 +26,7 @@ from rawtransfer.destination.base import (
     FILE_MODE,
     TMP_SUFFIX,
     Published,
+    full_message,
 )
 from rawtransfer.errors import (
     DestinationConflict,
@@ -38,6 +39,8 @@ from rawtransfer.names import q
 log = logging.getLogger(__name__)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# a full disk or quota: the message says so, with the free space
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def fsync_dir(path: Path) -> None:
@@ -153,7 +156,15 @@ class LocalDestination:
                     return self._existing(dirfd, name, target, sha1)
                 tmp = f".{name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}"
                 try:
-                    self._copy(local, dirfd, tmp, stop)
+                    try:
+                        self._copy(local, dirfd, tmp, stop)
+                    except OSError as exc:
+                        if exc.errno not in _FULL_ERRNOS:
+                            raise
+                        # the free space as it is now, before the temporary is removed
+                        raise DestinationUnavailable(
+                            full_message(f"writing {q(target)}", exc, _free_bytes(dirfd))
+                        ) from None
                     try:
                         # fails if the name exists, link or not: never clobbers
                         os.link(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
@@ -176,7 +187,12 @@ class LocalDestination:
         except (DestinationConflict, DestinationLink, DestinationUnavailable, Interrupted):
             raise
         except OSError as exc:
-            raise DestinationUnavailable(f"writing {q(target)}: {exc.strerror or exc}") from None
+            what = f"writing {q(target)}"
+            if exc.errno in _FULL_ERRNOS:  # making a directory, say
+                raise DestinationUnavailable(
+                    full_message(what, exc, _free_bytes(self.root))
+                ) from None
+            raise DestinationUnavailable(f"{what}: {exc.strerror or exc}") from None
 
     def _copy(self, src: Path, dirfd: int, tmp: str, stop: threading.Event) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -195,6 +211,15 @@ class LocalDestination:
 
     def close(self) -> None:
         pass
+
+
+def _free_bytes(where: int | Path) -> int | None:
+    """Bytes free for us on the filesystem of a directory (descriptor or path)."""
+    try:
+        st = os.fstatvfs(where) if isinstance(where, int) else os.statvfs(where)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 def _is_link(dirfd: int, name: str) -> bool:

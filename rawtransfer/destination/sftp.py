@@ -69,11 +69,13 @@ from rawtransfer.destination.base import (
     FILE_MODE,
     TMP_SUFFIX,
     Published,
+    full_message,
 )
 from rawtransfer.destination.sftp_wire import (
     FSYNC,
     HARDLINK,
     LIMITS,
+    STATVFS,
     RemoteError,
     _Connection,
     _SFTPClient,
@@ -114,6 +116,7 @@ __all__ = [
     "READBACK_MAX",
     "REQUEST_SIZE",
     "SAFE_REQUEST_SIZE",
+    "STATVFS",
     "TCP_NODELAY",
     "WINDOW_SIZE",
     "HostKeyRefused",
@@ -552,16 +555,36 @@ class SftpDestination:
         parent, name = posixpath.split(target)
         tmp = posixpath.join(parent, b"." + name + f".{secrets.token_hex(6)}{TMP_SUFFIX}".encode())
         flags = SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_EXCL
-        handle = conn.open(tmp, flags, self.file_mode)
         try:
-            with open(local, "rb") as src:
-                self._upload(conn, handle, tmp, src, stop)
+            handle = conn.open(tmp, flags, self.file_mode)
+        except RemoteError as exc:
+            raise self._maybe_full(conn, exc, target, parent) from None
+        try:
+            try:
+                with open(local, "rb") as src:
+                    self._upload(conn, handle, tmp, src, stop)
+            except RemoteError as exc:
+                # the free space as it is now, before the temporary is removed
+                raise self._maybe_full(conn, exc, target, parent) from None
             result = self._link(conn, tmp, target, sha1)
         except BaseException as exc:
             self._abandon(conn, tmp, exc)
             raise
         conn.remove(tmp)  # the final name holds the data now (the rename fallback left none)
         return result
+
+    def _maybe_full(
+        self, conn: _Connection, exc: RemoteError, target: bytes, parent: bytes
+    ) -> Exception:
+        """What to raise for a refused write: OpenSSH reports ENOSPC and EDQUOT as plain
+        "Failure", so that status says what the free space is, where the server tells."""
+        if exc.code != SFTP_FAILURE or not conn.alive():
+            return exc
+        try:
+            free = conn.free_bytes(parent)
+        except RemoteError:
+            free = None
+        return DestinationUnavailable(full_message(f"writing {q(os.fsdecode(target))}", exc, free))
 
     def _makedirs(self, conn: _Connection, missing: list[bytes]) -> None:
         """Make the missing directories below the root, in order (never the root)."""

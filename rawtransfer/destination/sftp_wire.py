@@ -24,6 +24,8 @@ import paramiko
 from paramiko.sftp import (
     CMD_ATTRS,
     CMD_CLOSE,
+    CMD_EXTENDED,
+    CMD_EXTENDED_REPLY,
     CMD_HANDLE,
     CMD_INIT,
     CMD_LSTAT,
@@ -50,6 +52,7 @@ from rawtransfer.names import q
 HARDLINK = "hardlink@openssh.com"
 FSYNC = "fsync@openssh.com"
 LIMITS = "limits@openssh.com"
+STATVFS = "statvfs@openssh.com"
 
 # errno values that mean the path to the server is gone, not that it said no
 _LOST_ERRNOS = frozenset(
@@ -254,6 +257,16 @@ class _Connection:
                 raise
             out.append(paramiko.SFTPAttributes._from_msg(msg))
         return out
+
+    def free_bytes(self, path: bytes) -> int | None:
+        """Bytes free for us on the filesystem of ``path`` (``statvfs@openssh.com``);
+        None where the server does not offer it."""
+        if not self.has(STATVFS):
+            return None
+        msg = self.expect(self.send(CMD_EXTENDED, STATVFS, path), CMD_EXTENDED_REPLY, path)
+        bsize, frsize, _blocks, _bfree, bavail = (msg.get_int64() for _ in range(5))
+        free: int = bavail * (frsize or bsize)
+        return free
 
     def open(self, path: bytes, flags: int, mode: int | None = None) -> bytes:
         attrs = paramiko.SFTPAttributes()
