@@ -4,6 +4,8 @@
   month or day directory that is a link, or a final name that is a link (dangling, to
   identical content, to other content), fails the file with ``DestinationLink``; the root
   itself may be a link (operators mount things).
+* Temporary files left by a killed copy are swept once they are older than the lease,
+  and nothing else is touched.
 * A full destination says so ("destination full? N bytes free"), over SFTP too, where
   the server only answers "Failure".
 
@@ -18,12 +20,13 @@ import os
 import re
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from rawtransfer.destination.base import Destination, Published
+from rawtransfer.destination.base import TMP_SUFFIX, Destination, Published
 from rawtransfer.destination.local import LocalDestination
 from rawtransfer.errors import (
     DestinationLink,
@@ -43,6 +46,9 @@ dest = contract.dest
 sftp_dest = contract.sftp_dest
 packed = contract.packed
 
+LEASE = 600.0
+OLD = time.time() - 2 * LEASE
+
 
 def everything(top: Path) -> set[str]:
     """Every entry under ``top`` (links not followed), relative, for before/after checks."""
@@ -51,6 +57,10 @@ def everything(top: Path) -> set[str]:
         for name in dirnames + filenames:
             out.add(os.path.relpath(os.path.join(dirpath, name), top))
     return out
+
+
+def age(path: Path, when: float = OLD) -> None:
+    os.utime(path, (when, when), follow_symlinks=False)
 
 
 # --- 1. no writing through links ---------------------------------------------------------
@@ -154,7 +164,104 @@ def test_the_root_itself_may_be_a_link(
     assert d.publish(packed(data), REL, sha1_of(data), threading.Event()) == Published.PRESENT
 
 
-# --- 2. a full destination says so --------------------------------------------------------
+# --- 2. temporary leftovers ---------------------------------------------------------------
+
+
+def test_sweep_removes_old_temporaries_only(dest: tuple[Destination, Path], tmp_path: Path) -> None:
+    d, root = dest
+    day = root / "2024" / "03" / "05"
+    day.mkdir(parents=True)
+    (root / "2023" / "12" / "31").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    gone = [
+        root / f".rt-check.0123456789ab{TMP_SUFFIX}",  # a check's probe, killed
+        day / f".a.fits.fz.0123456789ab{TMP_SUFFIX}",
+        root / "2023" / "12" / "31" / f".b.fits.fz.ba9876543210{TMP_SUFFIX}",
+    ]
+    kept = [
+        day / f".fresh.fits.fz.0123456789ab{TMP_SUFFIX}",  # a copy in flight
+        day / "a.fits.fz",
+        day / ".hidden",
+        day / f"no-dot{TMP_SUFFIX}",
+        day / f".a{TMP_SUFFIX}.bak",
+        day / "deeper" / f".c.fits.fz.0123456789ab{TMP_SUFFIX}",  # not where we write
+        outside / f".o.fits.fz.0123456789ab{TMP_SUFFIX}",  # behind links below
+    ]
+    for p in gone + kept:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"partial")
+        age(p, time.time() - 10 if "fresh" in p.name else OLD)
+    odd_dir = day / f".dir{TMP_SUFFIX}"  # a directory with a temporary's name
+    odd_dir.mkdir()
+    age(odd_dir)
+    file_link = day / f".l.fits.fz.0123456789ab{TMP_SUFFIX}"
+    file_link.symlink_to(outside / f".o.fits.fz.0123456789ab{TMP_SUFFIX}")
+    age(file_link)
+    (root / "2024" / "03" / "06").symlink_to(outside, target_is_directory=True)
+    (root / "2022").symlink_to(outside, target_is_directory=True)
+    before_outside = everything(outside)
+
+    assert d.sweep_temporaries(LEASE) == len(gone)
+
+    for p in gone:
+        assert not os.path.lexists(p), p
+    for p in kept:
+        assert p.exists(), p
+    assert odd_dir.is_dir() and file_link.is_symlink()
+    assert everything(outside) == before_outside
+    # nothing of the sweep's own left behind (a clock probe, say)
+    left = sorted(p.name for p in temps(root) if p.name.startswith("."))
+    expected = [f".fresh.fits.fz.0123456789ab{TMP_SUFFIX}", file_link.name, odd_dir.name]
+    assert left == sorted([*expected, f".c.fits.fz.0123456789ab{TMP_SUFFIX}"])
+    assert d.sweep_temporaries(LEASE) == 0
+    assert d.sweep_temporaries(5.0) == 1  # the fresh one, once it counts as old
+
+
+def test_sweep_lists_many_directories_and_large_ones(dest: tuple[Destination, Path]) -> None:
+    d, root = dest
+    days = [root / "2024" / f"{m:02d}" / f"{dd:02d}" for m in (1, 2) for dd in range(1, 12)]
+    for day in days:  # more directories than are listed at once
+        day.mkdir(parents=True)
+        tmp = day / f".x.fits.fz.0123456789ab{TMP_SUFFIX}"
+        tmp.write_bytes(b"partial")
+        age(tmp)
+    for i in range(450):  # several READDIR batches in one directory
+        (days[0] / f"f{i:04d}.fits.fz").touch()
+    assert d.sweep_temporaries(LEASE) == len(days)
+    assert temps(root) == []
+    assert len(list(days[0].iterdir())) == 450
+
+
+def test_sweep_of_recently_changed_day_directories_only(dest: tuple[Destination, Path]) -> None:
+    d, root = dest
+    recent, quiet = root / "2024" / "03" / "05", root / "2023" / "01" / "02"
+    for day in (recent, quiet):
+        day.mkdir(parents=True)
+        tmp = day / f".x.fits.fz.0123456789ab{TMP_SUFFIX}"
+        tmp.write_bytes(b"partial")
+        age(tmp)
+    age(quiet, time.time() - 86400)  # nothing made or removed in it for a day
+    stray = root / f".rt-check.0123456789ab{TMP_SUFFIX}"
+    stray.write_bytes(b"")
+    age(stray)
+    assert d.sweep_temporaries(LEASE, changed_within=3600) == 2  # the root is always looked at
+    assert not (recent / f".x.fits.fz.0123456789ab{TMP_SUFFIX}").exists()
+    assert (quiet / f".x.fits.fz.0123456789ab{TMP_SUFFIX}").exists()
+    assert d.sweep_temporaries(LEASE) == 1
+
+
+def test_sweep_of_an_empty_or_missing_root(dest: tuple[Destination, Path]) -> None:
+    d, root = dest
+    assert d.sweep_temporaries(LEASE) == 0
+    assert everything(root) == set()
+    root.rmdir()
+    with pytest.raises(DestinationUnavailable):
+        d.sweep_temporaries(LEASE)
+    assert not root.exists()  # never created
+
+
+# --- 3. a full destination says so --------------------------------------------------------
 
 
 @contextlib.contextmanager

@@ -14,11 +14,16 @@ from __future__ import annotations
 
 import threading
 from enum import StrEnum
+from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
 # Temporary names at the destination: hidden, and unlike any FITS pattern.
 TMP_SUFFIX = ".rt-tmp"
+TMP_PATTERN = f".*{TMP_SUFFIX}"
+# Temporaries are made in the day directories (root/YYYY/MM/DD) and, for a moment, in the
+# root itself (probes): a sweep looks no deeper than that.
+SWEEP_DEPTH = 3
 # Chunk size for local copies and for checking the stop event between chunks.
 CHUNK = 1 << 20
 FILE_MODE = 0o640
@@ -29,6 +34,11 @@ def full_message(what: str, exc: OSError, free: int | None) -> str:
     """``writing X: No space left on device (destination full? N bytes free)``."""
     space = "free space unknown" if free is None else f"{free} bytes free"
     return f"{what}: {exc.strerror or exc} (destination full? {space})"
+
+
+def is_temporary(name: str) -> bool:
+    """True for the names of our temporary files (``.NAME.<hex>.rt-tmp``, probes)."""
+    return fnmatchcase(name, TMP_PATTERN)
 
 
 class Published(StrEnum):
@@ -49,6 +59,16 @@ class Destination(Protocol):
 
     def sha1(self, rel: PurePosixPath) -> str | None:
         """SHA1 of the file at ``rel`` computed at the destination; None if absent."""
+
+    def sweep_temporaries(self, older_than: float, changed_within: float | None = None) -> int:
+        """Remove temporary files (``.*.rt-tmp``, regular files only) whose mtime is more
+        than ``older_than`` seconds old (by the destination's clock), from the root and
+        the directories below it down to the day directories, never following a link;
+        return how many were removed.
+
+        With ``changed_within`` (seconds), only day directories modified that recently
+        are looked into: making a temporary file changes its directory's mtime, so a
+        periodic sweep finds new leftovers without listing the whole archive."""
 
     def full_path(self, rel: PurePosixPath) -> str:
         """The path recorded in the catalog's ``filepath`` column."""

@@ -16,6 +16,7 @@ import logging
 import os
 import stat
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -24,9 +25,11 @@ from rawtransfer.destination.base import (
     CHUNK,
     DIR_MODE,
     FILE_MODE,
+    SWEEP_DEPTH,
     TMP_SUFFIX,
     Published,
     full_message,
+    is_temporary,
 )
 from rawtransfer.errors import (
     DestinationConflict,
@@ -205,6 +208,78 @@ class LocalDestination:
             out.flush()
             os.fsync(out.fileno())
             os.fchmod(out.fileno(), self.file_mode)
+
+    # temporary leftovers ------------------------------------------------------------------
+    def sweep_temporaries(self, older_than: float, changed_within: float | None = None) -> int:
+        """Remove temporary files (``.*.rt-tmp``) older than ``older_than`` seconds from
+        the root and the year, month and day directories; with ``changed_within``, only
+        from day directories modified that recently. Return how many were removed."""
+        self.check()
+        try:
+            with self._dir(()) as rootfd:
+                now = self._now(rootfd)
+                since = None if changed_within is None else now - changed_within
+                return self._sweep(rootfd, self.root, 0, now - older_than, since)
+        except OSError as exc:
+            raise DestinationUnavailable(
+                f"sweeping {q(self.root)}: {exc.strerror or exc}"
+            ) from None
+
+    def _now(self, dirfd: int) -> float:
+        """The time as the destination's filesystem stamps it (an NFS server's clock may
+        differ from ours): the mtime of a probe file made and removed at once."""
+        probe = f".rt-clock.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, dir_fd=dirfd)
+        except OSError:
+            return time.time()
+        try:
+            return os.fstat(fd).st_mtime
+        finally:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(probe, dir_fd=dirfd)
+
+    def _sweep(self, dirfd: int, path: Path, depth: int, cutoff: float, since: float | None) -> int:
+        subdirs: list[str] = []
+        candidates: list[str] = []
+        # the names decide first (the directory entry's type costs no stat): a day
+        # directory of thousands of frames costs one listing
+        with os.scandir(dirfd) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    if depth < SWEEP_DEPTH:
+                        subdirs.append(entry.name)
+                elif is_temporary(entry.name):
+                    candidates.append(entry.name)
+        removed = 0
+        for name in candidates:
+            try:
+                st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+                if not stat.S_ISREG(st.st_mode) or st.st_mtime >= cutoff:
+                    continue
+                os.unlink(name, dir_fd=dirfd)
+            except FileNotFoundError:
+                continue  # removed by its owner or another sweep meanwhile
+            removed += 1
+            log.debug("removed temporary file %s", q(path / name))
+        for name in subdirs:
+            try:
+                sub = os.open(name, _DIR_FLAGS, dir_fd=dirfd)
+            except OSError as exc:  # gone, replaced by a link, or not ours to read
+                if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                    log.warning("not sweeping %s: %s", q(path / name), exc.strerror)
+                continue
+            try:
+                day = depth + 1 == SWEEP_DEPTH
+                if day and since is not None and os.fstat(sub).st_mtime < since:
+                    continue  # a day directory not changed lately
+                removed += self._sweep(sub, path / name, depth + 1, cutoff, since)
+            except OSError as exc:
+                log.warning("not sweeping %s: %s", q(path / name), exc.strerror)
+            finally:
+                os.close(sub)
+        return removed
 
     def file_done(self) -> None:
         pass

@@ -38,6 +38,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, TypeVar
 
@@ -67,9 +68,11 @@ from rawtransfer.config import RemoteDest
 from rawtransfer.destination.base import (
     DIR_MODE,
     FILE_MODE,
+    SWEEP_DEPTH,
     TMP_SUFFIX,
     Published,
     full_message,
+    is_temporary,
 )
 from rawtransfer.destination.sftp_wire import (
     FSYNC,
@@ -117,6 +120,7 @@ __all__ = [
     "REQUEST_SIZE",
     "SAFE_REQUEST_SIZE",
     "STATVFS",
+    "SWEEP_BATCH",
     "TCP_NODELAY",
     "WINDOW_SIZE",
     "HostKeyRefused",
@@ -164,6 +168,8 @@ REQUEST_SIZE = 255 << 10
 # Files up to this size are verified by reading them back over SFTP rather than by a
 # remote sha1sum: measured on loopback, 4 ms against 95 ms per 100 KB file.
 READBACK_MAX = 1 << 20
+# Directories listed at once by a sweep of temporary files (each with its own handle).
+SWEEP_BATCH = 16
 # Servers that are not OpenSSH and do not announce their limits get the size every SFTP
 # server must accept.
 SAFE_REQUEST_SIZE = 32 << 10
@@ -276,6 +282,29 @@ class SftpDestination:
             return self._remote_sha1(conn, path, st.st_size)
 
         return self._run(f"checksumming {q(self.full_path(rel))}", run, self.copy_timeout)
+
+    def sweep_temporaries(self, older_than: float, changed_within: float | None = None) -> int:
+        """Remove temporary files (``.*.rt-tmp``) older than ``older_than`` seconds, by
+        the server's clock, from the root and the year, month and day directories; with
+        ``changed_within``, only from day directories modified that recently."""
+        now = self._run("sweeping temporary files", self._server_now, self.copy_timeout)
+        cutoff = now - older_than
+        since = None if changed_within is None else now - changed_within
+        removed = 0
+        level = [os.fsencode(self.root)]
+        for depth in range(SWEEP_DEPTH + 1):
+            below: list[bytes] = []
+            for i in range(0, len(level), SWEEP_BATCH):
+                chunk = level[i : i + SWEEP_BATCH]
+                n, subdirs = self._run(
+                    f"sweeping {q(os.fsdecode(chunk[0]))}" + (" and others" if chunk[1:] else ""),
+                    partial(self._sweep, paths=chunk, depth=depth, cutoff=cutoff, since=since),
+                    self.copy_timeout,
+                )
+                removed += n
+                below += subdirs
+            level = below
+        return removed
 
     def file_done(self) -> None:
         """The calling worker is finished with a file; close its connection unless kept."""
@@ -694,7 +723,7 @@ class SftpDestination:
             with self._lock:
                 self._orphans.add(tmp)
 
-    def _tidy(self, conn: _Connection, exc: BaseException, step: Callable[[], None]) -> bool:
+    def _tidy(self, conn: _Connection, exc: BaseException, step: Callable[[], object]) -> bool:
         """Run a clean-up step after ``exc``, briefly; False if it could not be done.
 
         After a lost connection or a timeout the stream may stop in the middle of a packet,
@@ -712,6 +741,72 @@ class SftpDestination:
             return False
         finally:
             conn.channel.settimeout(conn.op_timeout)
+
+    # temporary leftovers ------------------------------------------------------------------
+    def _server_now(self, conn: _Connection) -> float:
+        """The server's time as it stamps files (its clock may differ from ours): the
+        mtime of a probe file made and removed at once; ours if it cannot be made."""
+        root = os.fsencode(self.root)
+        if conn.lstat(root, follow=True) is None:
+            raise DestinationUnavailable(f"{self.where} does not exist")
+        probe = posixpath.join(root, f".rt-clock.{secrets.token_hex(6)}{TMP_SUFFIX}".encode())
+        try:
+            conn.close_handle(conn.open(probe, SFTP_FLAG_WRITE | SFTP_FLAG_CREATE), probe)
+        except RemoteError:
+            return time.time()
+        try:
+            st = conn.lstat(probe)
+        finally:
+            conn.remove(probe)
+        return float(st.st_mtime) if st is not None and st.st_mtime is not None else time.time()
+
+    def _sweep(
+        self,
+        conn: _Connection,
+        paths: list[bytes],
+        depth: int,
+        cutoff: float,
+        since: float | None,
+    ) -> tuple[int, list[bytes]]:
+        """Remove old temporaries in some directories of one level; return how many, and
+        the real directories of the next level to look at."""
+        subdirs: list[bytes] = []
+        doomed: list[bytes] = []
+        for path, listing in conn.listdirs(paths).items():
+            if isinstance(listing, RemoteError):
+                if depth == 0:
+                    raise listing
+                # gone meanwhile, or not ours to read: the rest of the tree is still swept
+                if listing.code != SFTP_NO_SUCH_FILE:
+                    log.warning("not sweeping %s: %s", q(os.fsdecode(path)), listing.strerror)
+                continue
+            for name, st in listing:
+                mode, mtime = st.st_mode or 0, st.st_mtime
+                if stat.S_ISDIR(mode):
+                    if depth == SWEEP_DEPTH:
+                        continue
+                    if depth + 1 == SWEEP_DEPTH and since is not None and (mtime or 0) < since:
+                        continue  # a day directory not changed lately
+                    subdirs.append(posixpath.join(path, name))
+                elif (
+                    stat.S_ISREG(mode)
+                    and is_temporary(os.fsdecode(name))
+                    and mtime is not None
+                    and mtime < cutoff
+                ):
+                    doomed.append(posixpath.join(path, name))
+        # the listing's attributes are lstat's on OpenSSH; a server that follows links
+        # there would show a link as its target: look again, without following
+        again = conn.lstat_many(subdirs + doomed)
+        dir_st, file_st = again[: len(subdirs)], again[len(subdirs) :]
+        subdirs = [p for p, st in zip(subdirs, dir_st, strict=True) if _is(st, stat.S_ISDIR)]
+        doomed = [p for p, st in zip(doomed, file_st, strict=True) if _is(st, stat.S_ISREG)]
+        removed, errors = conn.remove_many(doomed)
+        for exc in errors:
+            log.warning("temporary file not removed: %s", exc)
+        for path in doomed:
+            log.debug("removed temporary file %s", q(os.fsdecode(path)))
+        return removed, subdirs
 
     # remote SHA1 ------------------------------------------------------------------------
     def _remote_sha1(self, conn: _Connection, path: bytes, size: int | None = None) -> str:
@@ -831,6 +926,10 @@ class SftpDestination:
                 return
             self._said.add(key)
         log.log(level, fmt, *args)
+
+
+def _is(st: paramiko.SFTPAttributes | None, kind: Callable[[int], bool]) -> bool:
+    return st is not None and kind(st.st_mode or 0)
 
 
 def _prefer(preferred: tuple[str, ...], available: tuple[str, ...]) -> tuple[str, ...]:

@@ -30,7 +30,10 @@ from paramiko.sftp import (
     CMD_INIT,
     CMD_LSTAT,
     CMD_MKDIR,
+    CMD_NAME,
     CMD_OPEN,
+    CMD_OPENDIR,
+    CMD_READDIR,
     CMD_REMOVE,
     CMD_SETSTAT,
     CMD_STAT,
@@ -38,6 +41,7 @@ from paramiko.sftp import (
     CMD_VERSION,
     SFTP_CONNECTION_LOST,
     SFTP_DESC,
+    SFTP_EOF,
     SFTP_NO_CONNECTION,
     SFTP_NO_SUCH_FILE,
     SFTP_OK,
@@ -53,6 +57,12 @@ HARDLINK = "hardlink@openssh.com"
 FSYNC = "fsync@openssh.com"
 LIMITS = "limits@openssh.com"
 STATVFS = "statvfs@openssh.com"
+
+# READDIR requests in flight per open directory (see _Connection.listdirs)
+READDIR_AHEAD = 4
+
+# one directory's entries: (name, attributes)
+Listing = list[tuple[bytes, paramiko.SFTPAttributes]]
 
 # errno values that mean the path to the server is gone, not that it said no
 _LOST_ERRNOS = frozenset(
@@ -258,6 +268,81 @@ class _Connection:
             out.append(paramiko.SFTPAttributes._from_msg(msg))
         return out
 
+    def listdirs(self, paths: list[bytes]) -> dict[bytes, Listing | RemoteError]:
+        """The entries of several directories (without ``.`` and ``..``), names as bytes,
+        with the attributes the server sent (OpenSSH's sftp-server reads them by lstat);
+        for a directory the server refused, its error.
+
+        Pipelined: every directory is opened at once, and each round asks every open one
+        for its next ``READDIR_AHEAD`` batches (OpenSSH sends 100 names a batch), so that
+        a large tree over a long link costs a few round trips per level, not a few per
+        directory. Batches may come in any order; a listing is a set."""
+        out: dict[bytes, Listing | RemoteError] = {}
+        handles: dict[bytes, bytes] = {}
+        opened = [(path, self.send(CMD_OPENDIR, path)) for path in paths]
+        for i, (path, num) in enumerate(opened):
+            try:
+                handles[path] = self.expect(num, CMD_HANDLE, path).get_binary()
+                out[path] = []
+            except RemoteError as exc:
+                out[path] = exc
+            except BaseException:
+                self.ignore([n for _, n in opened[i + 1 :]])
+                raise
+        active = dict(handles)
+        while active:
+            asked = [
+                (path, self.send(CMD_READDIR, handle))
+                for path, handle in active.items()
+                for _ in range(READDIR_AHEAD)
+            ]
+            for i, (path, num) in enumerate(asked):
+                try:
+                    t, msg = self.reply(num)
+                except BaseException:
+                    self.ignore([n for _, n in asked[i + 1 :]])
+                    raise
+                listing = out[path]
+                if isinstance(listing, RemoteError):
+                    continue  # failed at an earlier batch of this round
+                if t == CMD_STATUS:
+                    code = msg.get_int()
+                    if code != SFTP_EOF:
+                        out[path] = RemoteError(code, msg.get_text(), path)
+                    active.pop(path, None)
+                    continue
+                if t != CMD_NAME:
+                    self.ignore([n for _, n in asked[i + 1 :]])
+                    raise paramiko.SFTPError(f"expected names, got reply type {t}")
+                for _ in range(msg.get_int()):
+                    name = msg.get_binary()
+                    msg.get_binary()  # the "ls -l" line, meant for people
+                    attrs = paramiko.SFTPAttributes._from_msg(msg)
+                    if name not in (b".", b".."):
+                        listing.append((name, attrs))
+        closing = [(path, self.send(CMD_CLOSE, handle)) for path, handle in handles.items()]
+        for path, num in closing:
+            self.status(num, path)
+        return out
+
+    def remove_many(self, paths: list[bytes]) -> tuple[int, list[RemoteError]]:
+        """Remove several files in one round trip: how many were removed (those already
+        gone are not counted), and the errors of those that could not be."""
+        sent = [self.send(CMD_REMOVE, path) for path in paths]
+        removed = 0
+        errors: list[RemoteError] = []
+        for i, (path, num) in enumerate(zip(paths, sent, strict=True)):
+            try:
+                self.status(num, path)
+                removed += 1
+            except RemoteError as exc:
+                if exc.code != SFTP_NO_SUCH_FILE:
+                    errors.append(exc)
+            except BaseException:
+                self.ignore(sent[i + 1 :])
+                raise
+        return removed, errors
+
     def free_bytes(self, path: bytes) -> int | None:
         """Bytes free for us on the filesystem of ``path`` (``statvfs@openssh.com``);
         None where the server does not offer it."""
@@ -279,12 +364,15 @@ class _Connection:
     def close_handle(self, handle: bytes, path: bytes) -> None:
         self.status(self.send(CMD_CLOSE, handle), path)
 
-    def remove(self, path: bytes) -> None:
+    def remove(self, path: bytes) -> bool:
+        """Remove a file; False if it was not there."""
         try:
             self.status(self.send(CMD_REMOVE, path), path)
         except RemoteError as exc:
             if exc.code != SFTP_NO_SUCH_FILE:
                 raise
+            return False
+        return True
 
     def mkdir(self, path: bytes, mode: int) -> None:
         attrs = paramiko.SFTPAttributes()
