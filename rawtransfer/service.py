@@ -21,11 +21,11 @@ from rawtransfer.alerts import Alerter, NullAlerter, SlackAlerter
 from rawtransfer.catalog.base import Catalog, Owner
 from rawtransfer.catalog.sqlite import SqliteCatalog
 from rawtransfer.config import LocalDest, Settings
-from rawtransfer.destination.base import Destination
+from rawtransfer.destination.base import Destination, sweep_leftovers
 from rawtransfer.destination.local import LocalDestination
 from rawtransfer.errors import EXIT_FILES_FAILED, EXIT_OK, ConfigError
 from rawtransfer.names import q
-from rawtransfer.pipeline import Context, Outcome, Result
+from rawtransfer.pipeline import MIN_LEASE_SECONDS, Context, Outcome, Result
 from rawtransfer.queue import WorkQueue
 from rawtransfer.sdnotify import Notifier, watchdog_interval
 from rawtransfer.steps.pack import clean_spool
@@ -166,6 +166,8 @@ class Service:
         destination = make_destination(s)
         try:
             destination.check()
+            # temporaries of copies killed before this start: older than any lease
+            sweep_leftovers(destination, max(MIN_LEASE_SECONDS, 4 * s.copy_timeout))
         except BaseException:
             destination.close()
             raise

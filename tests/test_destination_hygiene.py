@@ -35,6 +35,8 @@ from rawtransfer.errors import (
     ResourceUnavailable,
 )
 from tests import test_sftp_destination as contract
+from tests.conftest import Tree
+from tests.helpers import run_rt
 from tests.ssh_fixture import SshServer
 
 REL = contract.REL  # 2024/03/05/NAME
@@ -259,6 +261,21 @@ def test_sweep_of_an_empty_or_missing_root(dest: tuple[Destination, Path]) -> No
     with pytest.raises(DestinationUnavailable):
         d.sweep_temporaries(LEASE)
     assert not root.exists()  # never created
+
+
+def test_a_killed_copy_is_swept_when_the_service_starts(tree: Tree) -> None:
+    day = tree.dest / "2024" / "03" / "05"
+    day.mkdir(parents=True)
+    old = day / f".t1_r1_ut1.fits.fz.0123456789ab{TMP_SUFFIX}"
+    fresh = day / f".t1_r2_ut1.fits.fz.0123456789ab{TMP_SUFFIX}"
+    for p in (old, fresh):
+        p.write_bytes(b"partial")
+    age(old)
+    r = run_rt(tree.src, tree.dest, "--backfill-only", "--state-dir", tree.state)
+    assert r.returncode == 0, r.stderr
+    assert not old.exists()
+    assert fresh.exists()  # younger than the lease: may be another host's copy in flight
+    assert re.search(r"removed 1 temporary file", r.stderr), r.stderr
 
 
 # --- 3. a full destination says so --------------------------------------------------------

@@ -12,11 +12,17 @@ root itself may be a link (a mount made elsewhere).
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from enum import StrEnum
 from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
 from typing import Protocol
+
+from rawtransfer.errors import ResourceUnavailable
+
+log = logging.getLogger(__name__)
 
 # Temporary names at the destination: hidden, and unlike any FITS pattern.
 TMP_SUFFIX = ".rt-tmp"
@@ -77,3 +83,26 @@ class Destination(Protocol):
         """The calling worker thread is finished with one file (connection reuse policy)."""
 
     def close(self) -> None: ...
+
+
+def sweep_leftovers(
+    destination: Destination, older_than: float, changed_within: float | None = None
+) -> int:
+    """Sweep temporary files older than ``older_than`` (the lease: no copy in progress
+    anywhere is that old without a write) and log how many went. A sweep that fails is
+    logged and does not stop the caller: transfers do not depend on it."""
+    started = time.monotonic()
+    try:
+        n = destination.sweep_temporaries(older_than, changed_within)
+    except ResourceUnavailable as exc:
+        log.warning("temporary files not swept: %s", exc)
+        return 0
+    log.info(
+        "removed %d temporary file%s older than %.0f s left at the destination by "
+        "interrupted copies (looked for in %.1f s)",
+        n,
+        "" if n == 1 else "s",
+        older_than,
+        time.monotonic() - started,
+    )
+    return n
