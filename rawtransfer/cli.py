@@ -24,14 +24,14 @@ from rawtransfer.errors import EXIT_USAGE, RawTransferError
 
 log = logging.getLogger("rawtransfer")
 
-SUBCOMMANDS = ("status", "audit", "why", "db")
+SUBCOMMANDS = ("status", "audit", "why", "db", "retry")
 
 HELP_EPILOG = """\
 Every flag may also be set in the TOML file given with --config, using the flag's name
 (dashes or underscores); flags override the file. Secrets come from the environment:
 RAWTRANSFER_SLACK_WEBHOOK_URL (or RAWTRANSFER_SLACK_WEBHOOK_URL_FILE), and the database
 password from ~/.pgpass or PGPASSWORD. A source directory named like a subcommand
-(status, audit, why, db) is given as ./status.
+(status, audit, why, db, retry) is given as ./status.
 
 exit codes: 0 all done; 1 some files failed or were quarantined; 2 usage or configuration
 error; 3 destination or catalog unreachable at start; 128+N on signal N.
@@ -41,6 +41,19 @@ error; 3 destination or catalog unreachable at start; 128+N on signal N.
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # one clear line, then the usual exit code 2
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size(text: str) -> int:
+    """A byte count such as 2000000, 512M or 4G (binary units)."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = t[-1:] if t[-1:] in _UNITS else ""
+    try:
+        return int(float(t[: len(t) - len(unit)]) * _UNITS[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 512M or 4G") from None
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -226,6 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=S,
         help="Never replace or delete local originals.",
+    )
+    p.add_argument(
+        "--max-frame-bytes",
+        type=_size,
+        default=S,
+        metavar="N",
+        help="Quarantine a frame whose data would take more than N bytes once decompressed, "
+        "before decompressing it; suffixes K, M, G (default 1G).",
     )
     p.add_argument(
         "--patience",

@@ -99,6 +99,9 @@ class Settings:
     alert_backlog: float = 3600.0
     stop_grace: float = 30.0
     patience: float = 5.0
+    # the decompressed size a frame may declare; above it the frame is quarantined before
+    # anything is decompressed (a 7 MB .fz can declare 60000 x 60000 pixels)
+    max_frame_bytes: int = 1 << 30
     polling: bool = False
     logfile: Path | None = None
     slack_webhook_url: str | None = field(default=None, repr=False)
@@ -199,6 +202,8 @@ def validate(s: Settings) -> None:
         text = getattr(s, name)
         if not re.fullmatch(r"0?[0-7]{3}", text):
             raise ConfigError(f"--{name.replace('_', '-')} {text!r} is not an octal mode like 0640")
+    if s.max_frame_bytes < 2880:
+        raise ConfigError(f"--max-frame-bytes {s.max_frame_bytes} is smaller than one FITS block")
     if not (0 < s.db_port < 65536):
         raise ConfigError(f"--db-port {s.db_port} is not a TCP port")
 

@@ -96,3 +96,19 @@ class Interrupted(RawTransferError):
 
 class DestinationLink(FileFailed):
     """destination path goes through a symbolic link"""
+
+
+class SourceUnreadable(FileFailed):
+    """the source file cannot be read"""
+
+
+class FrameTooLarge(FileRejected):
+    """frame too large"""
+
+
+class InternalError(FileFailed):
+    """internal error"""
+
+
+class SpoolUnavailable(ResourceUnavailable):
+    """packing spool unavailable"""

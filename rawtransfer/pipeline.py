@@ -11,6 +11,7 @@ queue. Only programming errors escape.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
 
+from rawtransfer import faults
 from rawtransfer.catalog.base import (
     Catalog,
     ClaimOutcome,
@@ -29,15 +31,20 @@ from rawtransfer.catalog.base import (
 from rawtransfer.config import Settings
 from rawtransfer.destination.base import Destination
 from rawtransfer.errors import (
+    DestinationConflict,
     FileFailed,
     FileIncomplete,
     FileRejected,
+    InternalError,
     Interrupted,
     ResourceUnavailable,
+    SourceUnreadable,
     VerifyError,
 )
-from rawtransfer.names import q
+from rawtransfer.names import cut, q
+from rawtransfer.spool import Spool, is_full
 from rawtransfer.steps import check, hashing, metadata, pack, place, settle
+from rawtransfer.steps.snapshot import Identity, Snapshot, current_identity
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +66,7 @@ class Result(StrEnum):
     WAIT = "wait"  # still being written: look again after ``delay``
     BUSY = "busy"  # the same content is in flight elsewhere: look again later
     RETRY = "retry"  # a resource is away: back on the queue
+    CHANGED = "changed"  # the file changed while it was processed: look at it again
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,7 @@ class Outcome:
     packed_size: int = 0
     dest: str = ""
     sha1: str = ""
+    again: bool = False  # done, but the path now holds another version: look again
 
 
 @dataclass
@@ -80,7 +89,7 @@ class Context:
     settings: Settings
     catalog: Catalog
     destination: Destination
-    spool: Path
+    spool: Spool
     stop: threading.Event
     owner: Owner = field(default_factory=Owner)
     burst: bool = False
@@ -103,60 +112,122 @@ class Context:
             self._inflight.discard(sha1)
 
 
-def _facts(path: Path, raw_sha1: str, st: settle.Ready, **kw: object) -> FileFacts:
-    created = utc_from_epoch(st.mtime)
+def _facts(path: Path, raw_sha1: str, snap: Snapshot, **kw: object) -> FileFacts:
     return FileFacts(
         source_filepath=str(path),
         raw_sha1=raw_sha1,
-        raw_size=st.size,
-        file_created_at=created,
+        raw_size=snap.size,
+        file_created_at=utc_from_epoch(snap.identity.mtime_ns / 1e9),
+        identity=str(snap.identity),
         **kw,  # type: ignore[arg-type]
     )
 
 
-def _reject(
-    ctx: Context,
-    path: Path,
-    st: settle.Ready | None,
-    exc: FileRejected | FileFailed,
-    raw_sha1: str | None = None,
-) -> Outcome:
-    """Record a permanent per-file failure, keyed by the raw SHA1 (there is no packed file)."""
+@dataclass
+class Attempt:
+    """What one attempt on one file has learnt so far (for recording its outcome)."""
+
+    path: Path
+    snap: Snapshot | None = None
+    raw_sha1: str | None = None
+
+
+def _changed(a: Attempt, when: str) -> Outcome | None:
+    """CHANGED if the file is no longer the snapshot this attempt works from."""
+    assert a.snap is not None
+    why = a.snap.changed()
+    if why is None:
+        return None
+    return Outcome(Result.CHANGED, a.path, reason=f"changed while it was processed ({why}, {when})")
+
+
+def _record_failure(ctx: Context, a: Attempt, exc: FileRejected | FileFailed) -> Outcome:
+    """Record a per-file failure with its reason; it is keyed by the raw SHA1 (there may
+    be no packed file), or, for a file that cannot even be read, by the SHA1 of its path
+    and identity. A file that changed meanwhile is looked at again instead."""
+    if a.snap is not None and (changed := _changed(a, "then rejected")) is not None:
+        return changed
+    identity: str | None = None
     try:
-        raw_sha1 = raw_sha1 or hashing.sha1_file(path)
-        ready = st or settle.Ready(size=path.stat().st_size, mtime=path.stat().st_mtime)
+        if a.snap is not None:
+            identity = str(a.snap.identity)
+            a.raw_sha1 = a.raw_sha1 or hashing.sha1_file(a.snap.view)
+            size = a.snap.size
+            mtime = a.snap.identity.mtime_ns / 1e9
+        else:
+            st = a.path.lstat()
+            identity = str(Identity.of(st))
+            size, mtime = st.st_size, st.st_mtime
+    except FileNotFoundError:
+        return Outcome(Result.SKIPPED, a.path, reason="vanished")
     except OSError:
-        return Outcome(Result.SKIPPED, path, reason="vanished")
-    facts = _facts(path, raw_sha1, ready)
-    ctx.catalog.mark_failed(raw_sha1, facts, State(exc.state), str(exc), ctx.owner)
+        if a.snap is None:
+            return Outcome(Result.SKIPPED, a.path, reason="vanished")
+        size, mtime = a.snap.size, a.snap.identity.mtime_ns / 1e9
+    label = f"{a.path}\0{identity}".encode(errors="replace")
+    key = a.raw_sha1 or hashlib.sha1(label, usedforsecurity=False).hexdigest()
+    facts = FileFacts(
+        source_filepath=str(a.path),
+        raw_sha1=a.raw_sha1 or "",
+        raw_size=size,
+        file_created_at=utc_from_epoch(mtime),
+        identity=identity,
+    )
+    reason = cut(str(exc))
+    ctx.catalog.mark_failed(key, facts, State(exc.state), reason, ctx.owner)
     result = Result.QUARANTINED if exc.state == State.QUARANTINED else Result.FAILED
-    return Outcome(result, path, reason=str(exc), raw_size=ready.size)
+    return Outcome(result, a.path, reason=reason, raw_size=size)
 
 
 def process_one(path: Path, ctx: Context, *, closed: bool = False) -> Outcome:
+    """Process one file; every outcome but a resource outage is recorded in the catalog.
+
+    The one place where errors are judged (errors.classify): the file's fault ends
+    quarantined, a fault of the environment that will not pass by itself ends failed,
+    a resource that is away or a shutdown is RETRY, and anything else is a defect of
+    ours: logged once with its traceback and recorded as failed, never retried in a loop.
+    """
+    a = Attempt(path)
+    faults.working_on(path)
     try:
-        return _process(path, ctx, closed)
-    except ResourceUnavailable as exc:
-        return Outcome(Result.RETRY, path, reason=str(exc))
-    except Interrupted as exc:
+        return _process(a, ctx, closed)
+    except (ResourceUnavailable, Interrupted) as exc:
         return Outcome(Result.RETRY, path, reason=str(exc))
     except FileNotFoundError:
-        # renamed or removed between steps (the rename is queued as its own event)
+        # renamed or removed before it was opened (the rename is queued as its own event)
         return Outcome(Result.SKIPPED, path, reason="vanished while it was processed")
+    except (FileRejected, FileFailed) as exc:
+        return _record_failure(ctx, a, exc)
+    except PermissionError as exc:
+        return _record_failure(ctx, a, SourceUnreadable(exc.strerror or str(exc)))
+    except MemoryError:
+        return _record_failure(ctx, a, InternalError("out of memory while processing this file"))
+    except Exception as exc:
+        log.exception("%s: internal error", q(path))
+        detail = f"{type(exc).__name__}: {exc}"
+        try:
+            return _record_failure(ctx, a, InternalError(detail))
+        except ResourceUnavailable as exc2:
+            return Outcome(Result.RETRY, path, reason=str(exc2))
+    finally:
+        faults.working_on(None)
+        if a.snap is not None:
+            a.snap.close()
 
 
-def _process(path: Path, ctx: Context, closed: bool) -> Outcome:
+def _process(a: Attempt, ctx: Context, closed: bool) -> Outcome:
     s = ctx.settings
-    # one query per file: when (if ever) this path reached a terminal state
-    handled = ctx.catalog.handled_at(str(path))
+    path = a.path
+    # one query per file: what (if anything) was recorded for this path, with the
+    # identity the file had then
+    handled = ctx.catalog.handled(str(path))
     if handled is not None:
-        mtime = utc_from_epoch(path.lstat().st_mtime)
-        if mtime <= handled:
+        if handled.covers(current_identity(path)):
             return Outcome(Result.ALREADY_DONE, path)
-        # written again after it was dealt with: a new file under an old name. It is
-        # never skipped silently; if the archive holds other content under this name,
-        # the copy fails with that reason and a person is told.
-        log.warning("%s changed after it was handled on %s; looking at it again", q(path), handled)
+        # not the file that was dealt with: a new file under an old name. It is never
+        # skipped silently; if the archive holds other content under this name, the copy
+        # fails with that reason and a person is told.
+        log.info("%s is not the file handled on %s; looking at it", q(path), handled.at)
 
     # settle
     try:
@@ -168,93 +239,123 @@ def _process(path: Path, ctx: Context, closed: bool) -> Outcome:
     except FileIncomplete as exc:
         age = time.time() - path.lstat().st_mtime
         if ctx.burst or age >= max(STALL_SECONDS, s.patience):
-            return _reject(ctx, path, None, exc)
+            raise
         return Outcome(Result.WAIT, path, reason=str(exc), delay=max(s.patience, 1.0))
-    except FileRejected as exc:
-        return _reject(ctx, path, None, exc)
     if isinstance(st, settle.Wait):
         return Outcome(Result.WAIT, path, reason="still being written", delay=st.seconds)
-
-    # check and place: a file that cannot be placed is not worth packing
     try:
-        checked = check.check(path)
-        day = place.header_date(checked.headers, s.header_card)
-        rel = place.remote_relpath(day, path.name)
-    except FileRejected as exc:
-        return _reject(ctx, path, st, exc)
+        a.snap = snap = Snapshot(path)
+    except settle.FileVanished:
+        return Outcome(Result.SKIPPED, path, reason="vanished before it could be read")
+    except settle.NotRegular:
+        return Outcome(Result.SKIPPED, path, reason="not a regular file (links are not followed)")
+    if (snap.identity.ino, snap.size, snap.identity.mtime_ns) != (st.ino, st.size, st.mtime_ns):
+        return Outcome(
+            Result.WAIT, path, reason="changed as it settled", delay=max(s.patience, 0.1)
+        )
+    faults.hit("after-settle", path)
 
-    raw_sha1 = hashing.sha1_file(path)
-    if checked.packed:
-        packed = path  # already a .fz; check() decompressed every HDU successfully
-    else:
-        try:
-            packed = pack.pack(path, ctx.spool, float_images=checked.float_images)
-        except FileFailed as exc:
-            return _reject(ctx, path, st, exc, raw_sha1)
+    # check and place, from the snapshot: a file that cannot be placed is not worth packing
+    checked = check.check(snap.view, max_bytes=s.max_frame_bytes)
+    day = place.header_date(checked.headers, s.header_card)
+    rel = place.remote_relpath(day, path.name)
+    faults.hit("after-check", path)
+
+    a.raw_sha1 = raw_sha1 = hashing.sha1_file(snap.view)
+    spool = ctx.spool.path
+    try:
+        if checked.packed:
+            # already a .fz (check() decompressed every HDU): upload a private copy
+            packed = pack.copy_to_spool(snap.view, spool)
+        else:
+            packed = pack.pack(
+                snap.view,
+                spool,
+                float_images=checked.float_images,
+                between=lambda: faults.hit("during-pack", path),
+            )
+    except OSError as exc:
+        if is_full(exc):
+            raise ctx.spool.full(snap.size, exc) from None
+        raise
     try:
         sha1 = hashing.sha1_file(packed)
         facts = _facts(
             path,
             raw_sha1,
-            st,
+            snap,
             packed_size=packed.stat().st_size,
             obs_date=day,
             metadata=metadata.metadata_from_name(s.metadata_pattern, path.name),
         )
-        return _transfer(path, ctx, sha1, facts, packed, rel)
+        return _transfer(a, ctx, sha1, facts, packed, rel)
     finally:
-        if packed != path:
-            packed.unlink(missing_ok=True)
+        packed.unlink(missing_ok=True)
 
 
 def _transfer(
-    path: Path, ctx: Context, sha1: str, facts: FileFacts, packed: Path, rel: PurePosixPath
+    a: Attempt, ctx: Context, sha1: str, facts: FileFacts, packed: Path, rel: PurePosixPath
 ) -> Outcome:
+    path = a.path
+    faults.hit("before-claim", path)
+    if (changed := _changed(a, "before the claim")) is not None:
+        return changed
     if not ctx.enter(sha1):
         return Outcome(Result.BUSY, path, reason="same content in flight here", delay=1.0)
     try:
         try:
             claim = ctx.catalog.claim(sha1, facts, ctx.owner, ctx.lease_seconds)
-        except FileFailed as exc:  # the row itself is refused (a metadata value too large)
-            ctx.catalog.mark_failed(facts.raw_sha1, facts, State.FAILED, str(exc), ctx.owner)
-            return Outcome(Result.FAILED, path, reason=str(exc), raw_size=facts.raw_size)
+        except FileFailed:  # the row itself is refused (a metadata value too large)
+            raise
         if claim.outcome == ClaimOutcome.DONE:
             # the same file, or the .fz that tidying left in place of that file
             if claim.source_filepath in (str(path), str(path)[: -len(".fz")]):
                 # recorded, so that a file merely touched is not packed again at every scan
                 reason = f"same content already at {claim.filepath}"
-                ctx.catalog.record_event(sha1, str(path), State.DONE, reason, ctx.owner)
+                ctx.catalog.record_event(
+                    sha1, str(path), State.DONE, reason, ctx.owner, identity=facts.identity
+                )
                 return Outcome(Result.ALREADY_DONE, path, dest=claim.filepath or "")
             reason = f"same content as {claim.source_filepath}, already at {claim.filepath}"
-            ctx.catalog.record_event(sha1, str(path), State.DUPLICATE, reason, ctx.owner)
+            ctx.catalog.record_event(
+                sha1, str(path), State.DUPLICATE, reason, ctx.owner, identity=facts.identity
+            )
             return Outcome(Result.DUPLICATE, path, reason=reason, raw_size=facts.raw_size)
-        if claim.outcome == ClaimOutcome.FAILED:
-            reason = f"this content failed before (as {claim.source_filepath})"
-            ctx.catalog.record_event(sha1, str(path), State.FAILED, reason, ctx.owner)
-            return Outcome(Result.FAILED, path, reason=reason)
         if claim.outcome == ClaimOutcome.BUSY:
             return Outcome(Result.BUSY, path, reason="claimed by another worker", delay=5.0)
         if claim.taken_over_from:
-            log.warning("%s: took over a stale claim of %s", q(path), claim.taken_over_from)
+            log.warning("%s: took over a claim of %s", q(path), claim.taken_over_from)
         try:
+            faults.hit("after-claim", path)
+            if (changed := _changed(a, "after the claim")) is not None:
+                _release_quietly(ctx, sha1, changed.reason)
+                return changed
             ctx.destination.publish(packed, rel, sha1, ctx.stop)
+            faults.hit("after-publish", path)
             remote = ctx.destination.sha1(rel)
             if remote != sha1:
                 raise VerifyError(
-                    f"{ctx.destination.full_path(rel)}: SHA1 at the destination is {remote}, "
-                    f"expected {sha1}"
+                    f"{q(ctx.destination.full_path(rel))}: SHA1 at the destination is "
+                    f"{remote}, expected {sha1}"
                 )
             dest = ctx.destination.full_path(rel)
-            ctx.catalog.mark_done(sha1, dest, ctx.owner)
+            # The archive now holds exactly this snapshot, verified, and the row describes
+            # it (its SHA1, raw SHA1 and day): it is recorded even if the path changed
+            # meanwhile, since abandoning it would leave a file with no row. A newer
+            # version at the path has another identity and is looked at again.
+            again = a.snap.changed() if a.snap is not None else None
+            ctx.catalog.mark_done(sha1, dest, ctx.owner, identity=facts.identity)
         except FileFailed as exc:
-            ctx.catalog.mark_failed(sha1, facts, State.FAILED, str(exc), ctx.owner)
-            return Outcome(Result.FAILED, path, reason=str(exc), raw_size=facts.raw_size)
+            where = ctx.destination.full_path(rel) if isinstance(exc, DestinationConflict) else None
+            ctx.catalog.mark_failed(sha1, facts, State.FAILED, cut(str(exc)), ctx.owner, where)
+            return Outcome(Result.FAILED, path, reason=cut(str(exc)), raw_size=facts.raw_size)
         except (ResourceUnavailable, Interrupted) as exc:
             _release_quietly(ctx, sha1, str(exc))
             raise
-        except BaseException:
-            _release_quietly(ctx, sha1, "internal error")
+        except BaseException as exc:
+            _release_quietly(ctx, sha1, f"internal error: {type(exc).__name__}")
             raise
+        faults.hit("after-record", path)
         return Outcome(
             Result.DONE,
             path,
@@ -262,6 +363,8 @@ def _transfer(
             packed_size=facts.packed_size or 0,
             dest=dest,
             sha1=sha1,
+            reason=f"changed while it was recorded ({again}): looking at it again" if again else "",
+            again=again is not None,
         )
     finally:
         ctx.leave(sha1)

@@ -28,15 +28,16 @@ from rawtransfer.names import q
 from rawtransfer.pipeline import MIN_LEASE_SECONDS, Context, Outcome, Result
 from rawtransfer.queue import WorkQueue
 from rawtransfer.sdnotify import Notifier, watchdog_interval
-from rawtransfer.steps.pack import clean_spool
+from rawtransfer.source import Change, SourceHealth
+from rawtransfer.spool import Spool
 from rawtransfer.tidy import Tidy, tidy_one
 from rawtransfer.timers import Backfill, Backlog, Canary, Periodic
-from rawtransfer.watch import Matcher, OverflowWatch, start_observer
+from rawtransfer.watch import Matcher, OverflowWatch, Watcher, unreadable_dirs
 from rawtransfer.workers import Pool, Stats
 
 log = logging.getLogger(__name__)
 
-# How often the watcher-mode main loop looks at the observer's health.
+# How often the watcher-mode main loop looks at the source directory and the observer.
 HEALTH_INTERVAL = 5.0
 # After the grace period, abandoned copies get this long to clean up (remove their
 # temporary files, release their claims) before the process exits anyway.
@@ -173,12 +174,12 @@ class Service:
             raise
         # nothing is written anywhere before the checks above have passed
         catalog = make_catalog(s)
+        spool: Spool | None = None
         try:
             catalog.check()
-            spool = s.state_dir / "spool"
-            spool.mkdir(parents=True, exist_ok=True)
-            if n := clean_spool(spool):
-                log.info("removed %d stale temporary files from %s", n, spool)
+            # a spool directory of our own: another process on the same state directory
+            # keeps its files, and only dead processes' leftovers are removed
+            spool = Spool(s.state_dir / "spool", f"{s.host_id}-{os.getpid()}")
             ctx = Context(
                 settings=s,
                 catalog=catalog,
@@ -193,6 +194,8 @@ class Service:
                 return self._burst(ctx, out)
             return self._watch(ctx)
         finally:
+            if spool is not None:
+                spool.close()
             catalog.close()
             destination.close()
             self.notifier.close()
@@ -206,6 +209,8 @@ class Service:
             self.queue,
             self.s.backfill_hours,
             recency_window=0.0,
+            destination=ctx.destination,
+            owner=ctx.owner,
         )()
 
     def _drain(self, pool: Pool) -> None:
@@ -220,8 +225,15 @@ class Service:
 
     def _burst(self, ctx: Context, out: TextIO) -> int:
         s = self.s
-        n = self._scan(ctx)
+        with unreadable_dirs() as unreadable:
+            n = self._scan(ctx)
         log.info("backfill: %d files to look at under %s", n, q(s.source_dir))
+        if unreadable:
+            log.error(
+                "%d unreadable directories under %s: their files were not looked at",
+                len(unreadable),
+                q(s.source_dir),
+            )
         self.queue.close()
         pool = Pool(ctx, self.queue, s.workers, self.stats, stop=self.stop)
         pool.start()
@@ -229,16 +241,17 @@ class Service:
             if self.stop.is_set():
                 self._drain(pool)
                 break
-        self._summary(out, ctx)
+        self._summary(out, ctx, unreadable)
         if self.signum is not None:
             return 128 + self.signum
-        return EXIT_FILES_FAILED if self.stats.any_failed else EXIT_OK
+        return EXIT_FILES_FAILED if self.stats.any_failed or unreadable else EXIT_OK
 
     def _watch(self, ctx: Context) -> int:
         s = self.s
         matcher = Matcher(s.patterns)
         alerter = make_alerter(s)
         canary = Canary(ctx.destination, ctx.catalog, self.queue, alerter, s.alert_after)
+        canary.checks["spool"] = ctx.spool.check
         canary_timer = Periodic("canary", s.canary_interval, canary, self.stop)
         backfill = Backfill(
             s.source_dir,
@@ -247,6 +260,8 @@ class Service:
             self.queue,
             s.backfill_hours,
             s.backfill_recency_window,
+            destination=ctx.destination,
+            owner=ctx.owner,
         )
         backfill_timer = Periodic(
             "backfill", s.backfill_interval, backfill, self.stop, run_first=False
@@ -257,7 +272,7 @@ class Service:
             s.source_dir,
             matcher,
             ctx.catalog,
-            ctx.spool,
+            ctx.spool.path,
             ctx.owner,
             s.overwrite_unpacked_hours,
             s.overwrite_unpacked_recency_window,
@@ -271,7 +286,7 @@ class Service:
                     return
                 if age >= s.overwrite_unpacked_recency_window and outcome.sha1:
                     try:
-                        tidy_one(outcome.path, outcome.sha1, ctx.spool, ctx.catalog, ctx.owner)
+                        tidy_one(outcome.path, outcome.sha1, ctx.spool.path, ctx.catalog, ctx.owner)
                     except OSError as exc:  # the transfer is done; tidying waits for later
                         log.error("not tidying %s: %s", q(outcome.path), exc)
             elif outcome.result == Result.RETRY:
@@ -281,7 +296,9 @@ class Service:
                     f"file {outcome.result.value}", f"{q(outcome.path)}: {outcome.reason}"
                 )
 
-        observer, _handler = start_observer(s.source_dir, self.queue, matcher, s.polling)
+        source = SourceHealth(s.source_dir, alerter, s.alert_after)
+        watcher = Watcher(s.source_dir, self.queue, matcher, s.polling)
+        watcher.arm()
         overflow = OverflowWatch(rescan.poke)
         pool = Pool(ctx, self.queue, s.workers, self.stats, on_outcome, stop=self.stop)
         backlog = Periodic(
@@ -297,28 +314,35 @@ class Service:
             t.start()
         try:
             log.info("watching %s -> %s", q(s.source_dir), s.dest)
-            self.notifier.ready(self._status(canary))
+            self.notifier.ready(self._status(canary, source))
             wd = watchdog_interval()
             tick = min(HEALTH_INTERVAL, wd) if wd else HEALTH_INTERVAL
             while not self.stop.wait(tick):
-                if not observer.is_alive():
-                    log.error("the file watcher died; restarting it and rescanning")
-                    observer, _handler = start_observer(
-                        s.source_dir, self.queue, matcher, s.polling
-                    )
-                    rescan.poke()
+                change = source()
+                if change is Change.LOST:
+                    watcher.disarm()  # a directory moved away would still be followed
+                elif change is Change.REARM:
+                    # files that arrived while it was away (or that the new directory
+                    # already holds) have sent no event to this watcher: rescan
+                    if watcher.arm():
+                        rescan.poke()
+                elif source.healthy and not watcher.alive:
+                    if not watcher.failing:
+                        log.error("the file watcher died; restarting it and rescanning")
+                    if watcher.arm():
+                        rescan.poke()
                 # systemd restarts a service whose watchdog is not fed: feed it only
-                # while every worker and the observer are alive
-                if pool.alive() and observer.is_alive():
+                # while every worker and the observer are alive (a restart cannot bring
+                # back a missing source: that is alerted and shown in the status)
+                if pool.alive() and (watcher.alive or not source.healthy):
                     self.notifier.watchdog()
-                self.notifier.status(self._status(canary))
+                self.notifier.status(self._status(canary, source))
         finally:
             self.notifier.stopping()
             # producers first, then the workers; whatever is still queued in memory is
             # found again by the start-up scan next time
             overflow.close()
-            observer.stop()
-            observer.join(STOP_GRACE)
+            watcher.disarm(STOP_GRACE)
             self.stop.set()
             for t in threads:
                 t.shutdown()
@@ -327,17 +351,21 @@ class Service:
         log.info("stopped (signal %s)", self.signum)
         return EXIT_OK
 
-    def _status(self, canary: Canary) -> str:
+    def _status(self, canary: Canary, source: SourceHealth) -> str:
         pending, inflight = self.queue.depth()
         c = self.stats.counts
         text = f"{pending} queued, {inflight} in flight, {c['done']} done"
+        if not source.healthy:
+            text += "; " + source.status()
         if not canary.healthy:
             text += "; PAUSED: " + ", ".join(f"{k} unavailable" for k in canary.down_since)
         if self.stats.last_done:
             text += f"; last {self.stats.last_done}"
         return text
 
-    def _summary(self, out: TextIO, ctx: Context) -> None:
+    def _summary(
+        self, out: TextIO, ctx: Context, unreadable: list[tuple[Path, str]] | None = None
+    ) -> None:
         st = self.stats
         elapsed = time.monotonic() - st.started
         c = st.counts
@@ -347,7 +375,8 @@ class Service:
             f"raw-transfer: {total} files in {elapsed:.1f} s ({rate:.1f} files/s): "
             f"{c['done']} done, {c['already done']} already done, {c['duplicate']} duplicates, "
             f"{c['quarantined']} quarantined, {c['failed'] + c['not done']} failed, "
-            f"{c['skipped']} skipped",
+            f"{c['skipped']} skipped"
+            + (f", {len(unreadable)} unreadable directories" if unreadable else ""),
             file=out,
         )
         if st.raw_bytes:
@@ -359,6 +388,8 @@ class Service:
             )
         for path, what, reason in st.failures:
             print(f"  {what}: {q(path)}: {reason}", file=out)
+        for path, reason in unreadable or ():
+            print(f"  unreadable directory, not looked at: {q(path)}: {reason}", file=out)
         print(f"  archive: {self.s.dest}", file=out)
         if isinstance(ctx.catalog, SqliteCatalog):
             print(f"  catalog: {ctx.catalog.path} (table {self.s.db_table})", file=out)

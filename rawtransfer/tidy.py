@@ -11,8 +11,10 @@ back once more, and only then is the original removed. Anything unexpected leave
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import uuid
 from pathlib import Path, PurePosixPath
 
 from rawtransfer.catalog.base import Catalog, Owner, State, utc_from_epoch
@@ -25,44 +27,88 @@ from rawtransfer.errors import (
 )
 from rawtransfer.names import q
 from rawtransfer.steps import check, hashing, pack, place
+from rawtransfer.steps.settle import FileVanished, NotRegular
+from rawtransfer.steps.snapshot import Snapshot, current_identity
 from rawtransfer.watch import Matcher, scan
 
 log = logging.getLogger(__name__)
 
 
 def tidy_one(path: Path, sha1: str, spool: Path, catalog: Catalog, owner: Owner) -> bool:
-    """Replace ``path`` by ``path.fz`` if that equals the verified copy; True if done."""
-    if path.name.endswith(".fz") or path.is_symlink() or not path.is_file():
+    """Replace ``path`` by ``path.fz`` if that equals the verified copy; True if done.
+
+    Everything is read from one snapshot of the original, and the original is removed
+    only if the path still names that very file: a version written meanwhile (a
+    rename over it, a rewrite in place) is never deleted.
+    """
+    if path.name.endswith(".fz"):
         return False
     rel = PurePosixPath(place.packed_name(path.name))
     target = path.with_name(rel.name)
     try:
-        checked = check.check(path)
-        packed = pack.pack(path, spool, float_images=checked.float_images)
-    except (FileRejected, FileFailed) as exc:
-        log.error("not tidying %s: %s", q(path), exc)
+        snap = Snapshot(path)
+    except (FileVanished, NotRegular):
         return False
-    try:
-        if hashing.sha1_file(packed) != sha1:
-            log.error("not tidying %s: packing again does not give the verified copy", q(path))
+    with snap:
+        try:
+            checked = check.check(snap.view)
+            packed = pack.pack(snap.view, spool, float_images=checked.float_images)
+        except (FileRejected, FileFailed) as exc:
+            log.error("not tidying %s: %s", q(path), exc)
             return False
-        # the same atomic, no-clobber publish as an archive copy, beside the original and
-        # with its permissions; a foreign file already under the .fz name is a conflict
-        beside = LocalDestination(path.parent, file_mode=path.stat().st_mode & 0o777)
-        beside.publish(packed, rel, sha1, threading.Event())
-        if beside.sha1(rel) != sha1:
-            log.error("not tidying %s: the local .fz does not read back right", q(path))
+        try:
+            if hashing.sha1_file(packed) != sha1:
+                log.error("not tidying %s: packing again does not give the verified copy", q(path))
+                return False
+            # the same atomic, no-clobber publish as an archive copy, beside the original
+            # and with its permissions; a foreign file under the .fz name is a conflict
+            beside = LocalDestination(path.parent, file_mode=snap.mode & 0o777)
+            beside.publish(packed, rel, sha1, threading.Event())
+            if beside.sha1(rel) != sha1:
+                log.error("not tidying %s: the local .fz does not read back right", q(path))
+                return False
+            if not _remove_if_same(path, snap):
+                return False
+        except (DestinationConflict, DestinationUnavailable) as exc:
+            log.error("not tidying %s: %s", q(path), exc)
             return False
-        path.unlink()
-        fsync_dir(path.parent)
-    except (DestinationConflict, DestinationUnavailable) as exc:
-        log.error("not tidying %s: %s", q(path), exc)
-        return False
-    finally:
-        packed.unlink(missing_ok=True)
+        finally:
+            packed.unlink(missing_ok=True)
     catalog.record_event(sha1, str(path), State.DONE, f"original replaced by {target.name}", owner)
     log.info("tidied %s -> %s", q(path), q(target.name))
     return True
+
+
+def _remove_if_same(path: Path, snap: Snapshot) -> bool:
+    """Unlink ``path`` only if it is still the snapshot's file, unchanged.
+
+    The file is first renamed to a hidden name in its directory (atomic, and no writer
+    opens that name), then its identity is compared: checking and then unlinking the
+    path itself would leave a moment in which a new version could be deleted.
+    """
+    if snap.changed() is not None:
+        log.warning("not tidying %s: it changed since it was verified", q(path))
+        return False
+    aside = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tidy")
+    os.rename(path, aside)
+    now = current_identity(aside)
+    # the rename itself moves the ctime on: compare everything else
+    if now is not None and now.same_file_and_content(snap.identity):
+        aside.unlink()
+        fsync_dir(path.parent)
+        return True
+    # another file arrived at the last moment: put it back, never over a newer one
+    try:
+        os.link(aside, path)
+        aside.unlink()
+    except FileExistsError:
+        log.error(
+            "not tidying %s: it changed meanwhile; the other version is kept as %s",
+            q(path),
+            q(aside.name),
+        )
+    log.warning("not tidying %s: it changed since it was verified", q(path))
+    return False
 
 
 class Tidy:

@@ -11,13 +11,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from rawtransfer.alerts import Alerter
-from rawtransfer.catalog.base import Catalog, utc_from_epoch
+from rawtransfer.catalog.base import Catalog, Handled, Owner, State, utc_from_epoch
 from rawtransfer.destination.base import Destination
 from rawtransfer.errors import ResourceUnavailable
+from rawtransfer.names import q
 from rawtransfer.queue import WorkQueue
+from rawtransfer.steps.snapshot import current_identity
 from rawtransfer.watch import Matcher, scan
 
 log = logging.getLogger(__name__)
@@ -143,7 +145,11 @@ class Backfill:
         queue: WorkQueue,
         hours: float,
         recency_window: float,
+        destination: Destination | None = None,
+        owner: Owner | None = None,
     ) -> None:
+        self.destination = destination
+        self.owner = owner or Owner()
         self.root = root
         self.matcher = matcher
         self.catalog = catalog
@@ -155,19 +161,39 @@ class Backfill:
         now = time.time()
         since = now - self.hours * 3600
         handled = self.catalog.handled_sources(utc_from_epoch(since))
+        for src in self._conflicts_gone(since, handled):
+            del handled[src]
         n = 0
         for path, mtime in scan(self.root, self.matcher, since):
             if mtime > now - self.recency_window:
                 continue
-            done_at = handled.get(str(path))
-            # a file written again after it was handled is a new file under an old name
-            if done_at is not None and utc_from_epoch(mtime) <= done_at:
+            mark = handled.get(str(path))
+            # the file that was handled, not merely one under its name (snapshot.Identity)
+            if mark is not None and mark.covers(current_identity(path)):
                 continue
             if self.queue.put(path):
                 n += 1
         if n:
             log.info("backfill: queued %d files that had been missed", n)
         return n
+
+    def _conflicts_gone(self, since: float, handled: dict[str, Handled]) -> list[str]:
+        """Failed files whose conflicting archive file has been moved aside: recorded as
+        retried (so that they are no longer 'handled') and returned."""
+        if self.destination is None:
+            return []
+        out = []
+        for src, filepath in self.catalog.failed_at_destination(utc_from_epoch(since)).items():
+            mark = handled.get(src)
+            if mark is None or mark.state != State.FAILED:
+                continue
+            rel = PurePosixPath(*PurePosixPath(filepath).parts[-4:])
+            if self.destination.sha1(rel) is None:
+                reason = f"the conflicting archive file {filepath} is gone"
+                log.warning("retrying %s: %s", q(src), reason)
+                self.catalog.record_event(None, src, State.RETRY, reason, self.owner)
+                out.append(src)
+        return out
 
 
 class Backlog:

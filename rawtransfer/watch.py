@@ -8,11 +8,13 @@ the service's own reads never queue anything.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import os
 import re
 import stat
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
+from rawtransfer.names import q
 from rawtransfer.queue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -44,11 +47,60 @@ class Matcher:
         return not name.startswith(".") and self._re.match(name) is not None
 
 
+class _Collectors(threading.local):
+    def __init__(self) -> None:
+        self.stack: list[list[tuple[Path, str]]] = []
+
+
+_collectors = _Collectors()
+
+
+@contextlib.contextmanager
+def unreadable_dirs() -> Iterator[list[tuple[Path, str]]]:
+    """Collect the directories that ``scan`` could not read, with the reason, for every
+    scan run by this thread inside the block.
+
+    The one-off run wants the count of a scan that Backfill drives: a collector scoped
+    to the thread and the block reaches it without a parameter through every caller.
+    """
+    found: list[tuple[Path, str]] = []
+    _collectors.stack.append(found)
+    try:
+        yield found
+    finally:
+        _collectors.stack.remove(found)
+
+
 def scan(
     root: Path, matcher: Matcher, newer_than: float | None = None
 ) -> Iterator[tuple[Path, float]]:
-    """Regular files under ``root`` matching the patterns, with their mtimes."""
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    """Regular files under ``root`` matching the patterns, with their mtimes.
+
+    A directory that cannot be read is reported once per scan (a warning naming it, and
+    to the ``unreadable_dirs`` collectors): its files are not looked at, and saying
+    nothing would let a run end "all done" without them. A subdirectory that vanished
+    during the scan is not an error (staging areas come and go).
+    """
+    reported: set[str] = set()
+
+    def unreadable(directory: str, exc: OSError) -> None:
+        if directory in reported:
+            return
+        if directory != str(root) and isinstance(exc, FileNotFoundError | NotADirectoryError):
+            log.debug("directory %s vanished during the scan", q(directory))
+            return
+        reported.add(directory)
+        reason = exc.strerror or type(exc).__name__
+        log.warning(
+            "cannot read directory %s (%s): its files are not looked at", q(directory), reason
+        )
+        for found in _collectors.stack:
+            found.append((Path(directory), reason))
+
+    def onerror(exc: OSError) -> None:
+        unreadable(exc.filename if exc.filename is not None else str(root), exc)
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=onerror, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if not matcher(name):
@@ -57,6 +109,9 @@ def scan(
             try:
                 st = os.lstat(path)
             except FileNotFoundError:
+                continue
+            except OSError as exc:  # a directory that can be listed but not searched
+                unreadable(dirpath, exc)
                 continue
             if not stat.S_ISREG(st.st_mode):
                 log.warning("skipped %r: not a regular file (links are not followed)", str(path))
@@ -133,3 +188,44 @@ def start_observer(
     observer.daemon = True
     observer.start()
     return observer, handler
+
+
+class Watcher:
+    """The observer on the source directory, which can be disarmed and armed again.
+
+    inotify watches an inode, not a path: when SOURCE_DIR goes away or is replaced, the
+    old observer watches nothing (watchdog stops its emitter when the directory is
+    deleted) or the wrong directory (one moved away is followed), so the service
+    disarms it and arms a new one on whatever directory holds the name when it is back.
+    """
+
+    def __init__(self, root: Path, queue: WorkQueue, matcher: Matcher, polling: bool) -> None:
+        self.root = root
+        self.queue = queue
+        self.matcher = matcher
+        self.polling = polling
+        self._observer: BaseObserver | None = None
+        self.failing = False  # the last attempt to arm failed (and was said)
+
+    @property
+    def alive(self) -> bool:
+        return self._observer is not None and self._observer.is_alive()
+
+    def arm(self) -> bool:
+        """Start watching (again); False, said once until it works, if it cannot."""
+        self.disarm()
+        try:
+            self._observer, _ = start_observer(self.root, self.queue, self.matcher, self.polling)
+        except OSError as exc:  # gone again, or out of inotify watches
+            if not self.failing:
+                log.error("cannot watch %s: %s", q(self.root), exc)
+            self.failing = True
+            return False
+        self.failing = False
+        return True
+
+    def disarm(self, timeout: float = 15.0) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout)
+            self._observer = None

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rawtransfer.catalog.base import State
 from rawtransfer.names import q
 from rawtransfer.pipeline import Context, Outcome, Result, process_one
 from rawtransfer.queue import Item, WorkQueue
@@ -156,11 +157,14 @@ class Pool:
             log.info(
                 "done %s -> %s (%d bytes, packed %.2fx, %.2f s)",
                 name,
-                outcome.dest,
+                q(outcome.dest),
                 outcome.raw_size,
                 ratio,
                 elapsed,
             )
+            if outcome.again:
+                log.warning("%s %s", name, outcome.reason)
+                self.queue.put(item.path, delay=self.ctx.settings.patience)
         elif r in (Result.QUARANTINED, Result.FAILED):
             log.error("%s %s: %s", r.value, name, outcome.reason)
         elif r == Result.DUPLICATE:
@@ -172,6 +176,14 @@ class Pool:
         elif r == Result.WAIT:
             log.debug("waiting for %s: %s", name, outcome.reason)
             self.queue.put(item.path, delay=outcome.delay, attempt=item.attempt)
+            return
+        elif r == Result.CHANGED:
+            # not a failure: the new version is looked at once it has settled again
+            log.warning("%s %s; looking at it again", name, outcome.reason)
+            self.ctx.catalog.record_event(
+                None, str(item.path), State.CHANGED, outcome.reason, self.ctx.owner
+            )
+            self.queue.put(item.path, delay=self.ctx.settings.patience, attempt=item.attempt)
             return
         elif r in (Result.RETRY, Result.BUSY):
             self._retry(item, outcome.reason, outcome.delay, retry=r == Result.RETRY)

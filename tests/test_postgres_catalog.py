@@ -268,8 +268,12 @@ def test_mark_failed(backend: Backend) -> None:
     cat.mark_failed(sha("f"), facts("/data/f.fits"), State.FAILED, "conflict", me)
     row = backend.row(sha("f"))
     assert row is not None and (row["state"], row["claimed_by"]) == ("failed", None)
-    failed = cat.claim(sha("f"), facts("/data/g.fits"), other_host(), LEASE)
-    assert (failed.outcome, failed.source_filepath) == (ClaimOutcome.FAILED, "/data/f.fits")
+    # failed content is tried again by whoever gets past the pipeline's "already
+    # handled" test (a changed file, an operator's retry): the row is taken over
+    again = cat.claim(sha("f"), facts("/data/g.fits"), other_host(), LEASE)
+    assert again.outcome == ClaimOutcome.CLAIMED
+    row = backend.row(sha("f"))
+    assert row is not None and (row["state"], row["error"]) == ("claimed", None)
     # a done row is never turned into a failure, but the attempt is in the history
     assert cat.claim(sha("h"), facts("/data/h.fits"), me, LEASE).outcome == ClaimOutcome.CLAIMED
     cat.mark_done(sha("h"), "/archive/h.fz", me)
@@ -324,8 +328,29 @@ def test_handled_sources(backend: Backend) -> None:
     cat.record_event(sha("p"), "/d/again.fits", State.RETRY, "second try", me)
     handled = cat.handled_sources(since)
     assert set(handled) == {"/d/done.fits", "/d/bad.fits", "/d/dup.fits"}
-    assert all(since <= t <= utcnow() for t in handled.values())
+    assert all(since <= h.at <= utcnow() for h in handled.values())
     assert cat.handled_sources(utcnow() + timedelta(minutes=1)) == {}
+
+
+def test_handled_records_the_identity_of_the_file(backend: Backend) -> None:
+    """'Already handled' is the file's identity when it was handled, not a time."""
+    cat = backend.make()
+    me = Owner()
+    ident = "64769:1234:5000:1700000000000000000:1700000000000000000"
+    f = facts("/d/ident.fits")
+    assert cat.claim(sha("q"), f, me, LEASE).outcome == ClaimOutcome.CLAIMED
+    cat.mark_done(sha("q"), "/archive/q.fz", me, identity=ident)
+    h = cat.handled("/d/ident.fits")
+    assert h is not None and h.state == "done" and h.identity == ident
+    assert h.covers(ident)
+    # another inode, or the same inode rewritten (ctime), is another file
+    assert not h.covers("64769:1235:5000:1700000000000000000:1700000000000000000")
+    assert not h.covers("64769:1234:5000:1700000000000000000:1700000000000000001")
+    assert cat.handled_sources(utcnow() - timedelta(minutes=1))["/d/ident.fits"] == h
+    # a later, non-terminal word (a change seen, a retry asked for) means not handled
+    cat.record_event(None, "/d/ident.fits", State.CHANGED, "rewritten", me)
+    assert cat.handled("/d/ident.fits") is None
+    assert "/d/ident.fits" not in cat.handled_sources(utcnow() - timedelta(minutes=1))
 
 
 def _race(n: int, attempt: Callable[[int], ClaimOutcome]) -> list[ClaimOutcome]:

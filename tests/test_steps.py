@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from rawtransfer import synth
 from rawtransfer.errors import FileIncomplete, FileRejected, PackError
+from rawtransfer.spool import Spool
 from rawtransfer.steps import check, hashing, metadata, pack, place, settle
 
 
@@ -280,11 +281,26 @@ def test_pack_failure_leaves_no_spool_file(tmp_path: Path) -> None:
     assert list(spool.iterdir()) == []
 
 
-def test_clean_spool_removes_only_temporaries(tmp_path: Path) -> None:
-    (tmp_path / ".abc.fits.fz.rt-tmp").write_bytes(b"x")
-    (tmp_path / "keep.fits").write_bytes(b"x")
-    assert pack.clean_spool(tmp_path) == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["keep.fits"]
+def test_spool_is_per_process_and_cleans_only_dead_owners(tmp_path: Path) -> None:
+    base = tmp_path / "spool"
+    mine = Spool(base, "me-1")
+    (mine.path / ".a.fits.fz.rt-tmp").write_bytes(b"x")
+    # a neighbour on the same state directory: its live spool is left alone
+    other = Spool(base, "other-2")
+    assert (mine.path / ".a.fits.fz.rt-tmp").exists()
+    # a dead process's directory (its lock released) is removed by the next starter
+    dead = base / "dead-3"
+    dead.mkdir()
+    (dead / ".lock").touch()
+    (dead / ".b.fits.fz.rt-tmp").write_bytes(b"x")
+    other.close()
+    third = Spool(base, "third-4")
+    assert not dead.exists() and not (base / "other-2").exists()
+    assert (mine.path / ".a.fits.fz.rt-tmp").exists()
+    (base / "keep.txt").write_text("not ours")
+    mine.close()
+    third.close()
+    assert [p.name for p in base.iterdir()] == ["keep.txt"]
 
 
 # -- hash and metadata --------------------------------------------------------------

@@ -34,7 +34,8 @@ class State(StrEnum):
     QUARANTINED = "quarantined"
     DUPLICATE = "duplicate"  # recorded as an event for the second source path
     RELEASED = "released"  # a claim given back (shutdown, resource away)
-    RETRY = "retry"  # event only: a transient failure, the file goes back on the queue
+    RETRY = "retry"  # event only: a transient failure, or an operator asked for a retry
+    CHANGED = "changed"  # event only: the file changed while it was processed
 
 
 # The table's shape, shared by both catalogs: the upstream columns (``created_at``, with
@@ -123,13 +124,53 @@ class FileFacts:
     packed_size: int | None = None
     obs_date: date | None = None
     metadata: dict[str, int | str | None] = field(default_factory=dict)
+    identity: str | None = None  # the source file's identity (steps.snapshot.Identity)
+
+
+@dataclass(frozen=True)
+class Handled:
+    """The last terminal record of a source path: when, in which state, and the identity
+    (device:inode:size:mtime:ctime) the file had then."""
+
+    at: datetime
+    state: str
+    identity: str | None
+
+    def covers(self, identity: object | None) -> bool:
+        """True when the file now at the path is the one this record dealt with.
+
+        Compared by identity, never by time. Rows an upstream deployment left (or events
+        written before identities were recorded) have none: for those, the file counts as
+        handled unless it was modified after the record, as upstream judged it.
+        """
+        if identity is None:
+            return False
+        if self.identity is not None:
+            return self.identity == str(identity)
+        mtime_ns = int(str(identity).split(":")[3])
+        return utc_from_epoch(mtime_ns / 1e9) <= self.at
+
+
+def merge_handled(
+    events: list[tuple[str, datetime, str, str | None]], done_rows: list[tuple[str, datetime]]
+) -> dict[str, Handled]:
+    """Paths handled, from each path's latest event (path, at, state, identity) and, for
+    paths with no event at all (upstream rows), their done rows (path, time)."""
+    out: dict[str, Handled] = {}
+    for src, at, state, identity in events:
+        if state in TERMINAL:
+            out[src] = Handled(at, state, identity)
+    seen = {e[0] for e in events}
+    for src, at in done_rows:
+        if src not in seen and (src not in out or out[src].at < at):
+            out[src] = Handled(at, State.DONE, None)
+    return out
 
 
 class ClaimOutcome(StrEnum):
     CLAIMED = "claimed"  # ours now: transfer it
     DONE = "done"  # already transferred (by us or another name/host)
     BUSY = "busy"  # a live claim elsewhere: try again later
-    FAILED = "failed"  # a permanent failure is recorded for this content
 
 
 @dataclass(frozen=True)
@@ -158,8 +199,9 @@ def judge_existing(
     """
     if state == State.DONE:
         return ClaimResult(ClaimOutcome.DONE, source_filepath=src, filepath=filepath)
-    if state == State.FAILED:
-        return ClaimResult(ClaimOutcome.FAILED, source_filepath=src)
+    # A failed row is taken over: the caller only gets here for a file that is not the
+    # one that failed (its identity changed) or that an operator asked to retry, or
+    # when the cause can have gone (the conflicting archive file was moved aside).
     holder = Owner.parse(claimed_by)
     stale = (
         claimed_at is None
@@ -181,16 +223,16 @@ class Catalog(Protocol):
     def source_state(self, source_filepath: str) -> State | None:
         """The latest recorded outcome for this source path, if any."""
 
-    def handled_at(self, source_filepath: str) -> datetime | None:
-        """When this source path last reached a terminal state (naive UTC), if ever.
-
-        A file modified after that time is a new file under an old name, and is looked
-        at again rather than skipped.
+    def handled(self, source_filepath: str) -> Handled | None:
+        """The path's latest record if that is terminal (done, duplicate, failed,
+        quarantined); None if it was never handled or something is pending (a claim, a
+        change, a retry asked for). A file whose identity differs from the record's is a
+        new file under an old name, and is looked at again rather than skipped.
         """
 
-    def handled_sources(self, since: datetime) -> dict[str, datetime]:
-        """Source paths recorded since ``since`` that need nothing more, with the time
-        they were dealt with (one query; see handled_at)."""
+    def handled_sources(self, since: datetime) -> dict[str, Handled]:
+        """Source paths recorded since ``since`` that need nothing more (one query; see
+        handled)."""
 
     def verified_sources(self, since: datetime) -> dict[str, str]:
         """Source path -> packed SHA1 of rows done *and verified* since ``since``.
@@ -208,19 +250,38 @@ class Catalog(Protocol):
         leftover of an attempt that could not release it (the catalog was away).
         """
 
-    def mark_done(self, sha1: str, filepath: str, owner: Owner) -> None:
+    def mark_done(
+        self, sha1: str, filepath: str, owner: Owner, identity: str | None = None
+    ) -> None:
         """The copy is verified: record the destination path and times."""
 
     def mark_failed(
-        self, key: str, facts: FileFacts, state: State, reason: str, owner: Owner
+        self,
+        key: str,
+        facts: FileFacts,
+        state: State,
+        reason: str,
+        owner: Owner,
+        filepath: str | None = None,
     ) -> None:
-        """Record a permanent failure (``failed`` or ``quarantined``) with its reason."""
+        """Record a permanent failure (``failed`` or ``quarantined``) with its reason;
+        ``filepath`` is the archive path involved (a conflicting file), if any."""
+
+    def failed_at_destination(self, since: datetime) -> dict[str, str]:
+        """Source path -> archive path of failed rows that name one (conflicts), so that
+        they can be retried once the file in the way is gone."""
 
     def release(self, sha1: str, owner: Owner, reason: str) -> None:
         """Give back a claim we hold (shutdown, transient failure)."""
 
     def record_event(
-        self, sha1: str | None, source_filepath: str, state: State, reason: str, owner: Owner
+        self,
+        sha1: str | None,
+        source_filepath: str,
+        state: State,
+        reason: str,
+        owner: Owner,
+        identity: str | None = None,
     ) -> None:
         """Append one line to the file's history."""
 

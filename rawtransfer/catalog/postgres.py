@@ -36,14 +36,15 @@ from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from rawtransfer.catalog.base import (
     EXTRA_COLUMNS,
-    TERMINAL,
     UPSTREAM_COLUMNS,
     ClaimOutcome,
     ClaimResult,
     FileFacts,
+    Handled,
     Owner,
     State,
     judge_existing,
+    merge_handled,
     utcnow,
 )
 from rawtransfer.config import IDENTIFIER_RE, Settings
@@ -101,7 +102,17 @@ POOL_CLOSE_TIMEOUT = 5.0
 # an existing upstream table keeps its own smallint/int columns.
 METADATA_TYPE = "text"
 
-_EVENT_COLUMNS = ("id", "at", "sha1_hash", "source_filepath", "state", "host", "pid", "reason")
+_EVENT_COLUMNS = (
+    "id",
+    "at",
+    "sha1_hash",
+    "source_filepath",
+    "state",
+    "host",
+    "pid",
+    "reason",
+    "identity",
+)
 
 _PASSWORD_RE = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 _URI_PASSWORD_RE = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
@@ -384,15 +395,23 @@ class PostgresCatalog:
 
     def _event_sql(self) -> sql.Composed:
         return sql.SQL(
-            "insert into {ev} (at, sha1_hash, source_filepath, state, host, pid, reason) "
-            "values (%(at)s, %(sha1)s, %(src)s, %(state)s, %(host)s, %(pid)s, %(reason)s)"
+            "insert into {ev} (at, sha1_hash, source_filepath, state, host, pid, reason, "
+            "identity) values (%(at)s, %(sha1)s, %(src)s, %(state)s, %(host)s, %(pid)s, "
+            "%(reason)s, %(identity)s)"
         ).format(ev=self.ev)
 
     @staticmethod
     def _event_params(
-        sha1: str | None, src: str, state: State, reason: str, owner: Owner, at: datetime
+        sha1: str | None,
+        src: str,
+        state: State,
+        reason: str,
+        owner: Owner,
+        at: datetime,
+        identity: str | None = None,
     ) -> dict[str, Any]:
         return {
+            "identity": identity,
             "at": at,
             "sha1": sha1,
             "src": src,
@@ -416,35 +435,46 @@ class PostgresCatalog:
         row = self._run("source_state", lambda c: c.execute(q, {"src": source_filepath}).fetchone())
         return State(row[0]) if row and row[0] is not None else None
 
-    def handled_at(self, source_filepath: str) -> datetime | None:
+    def handled(self, source_filepath: str) -> Handled | None:
         q = sql.SQL(
-            "select greatest("
-            "(select max(at) from {ev} where source_filepath = %(src)s "
-            "and state = any(%(terminal)s)), "
-            "(select max(coalesce(updated_at, created_at)) from {t} "
-            "where source_filepath = %(src)s and state = 'done'))"
-        ).format(t=self.t, ev=self.ev)
-        params = {"src": source_filepath, "terminal": sorted(str(s) for s in TERMINAL)}
-        row = self._run("handled_at", lambda c: c.execute(q, params).fetchone())
-        return row[0] if row else None
+            "select source_filepath, at, state, identity from {ev} "
+            "where source_filepath = %(src)s order by id desc limit 1"
+        ).format(ev=self.ev)
+        legacy = sql.SQL(
+            "select source_filepath, max(coalesce(updated_at, created_at)) from {t} "
+            "where source_filepath = %(src)s and state = 'done' group by source_filepath"
+        ).format(t=self.t)
+        params = {"src": source_filepath}
 
-    def handled_sources(self, since: datetime) -> dict[str, datetime]:
+        def fetch(c: Conn) -> tuple[list[Any], list[Any]]:
+            ev = c.execute(q, params).fetchall()
+            return ev, ([] if ev else c.execute(legacy, params).fetchall())
+
+        ev, rows = self._run("handled", fetch)
+        return merge_handled([tuple(r) for r in ev], [(r[0], r[1]) for r in rows if r[1]]).get(
+            source_filepath
+        )
+
+    def handled_sources(self, since: datetime) -> dict[str, Handled]:
+        events = sql.SQL(
+            "select e.source_filepath, e.at, e.state, e.identity from {ev} e "
+            "where e.at >= %(since)s and e.id = (select max(id) from {ev} f "
+            "where f.source_filepath = e.source_filepath)"
+        ).format(ev=self.ev)
         # coalesce(updated_at, created_at) >= since, spelled so that the (state,
         # updated_at) index serves rawtransfer's own rows
-        q = sql.SQL(
-            "select source_filepath, max(t) from ("
-            "select source_filepath, coalesce(updated_at, created_at) as t from {t} "
+        rows = sql.SQL(
+            "select source_filepath, max(coalesce(updated_at, created_at)) from {t} "
             "where state = 'done' and source_filepath is not null and (updated_at >= %(since)s "
-            "or (updated_at is null and created_at >= %(since)s)) "
-            "union all select e.source_filepath, e.at from {ev} e where e.at >= %(since)s "
-            "and e.id = (select max(id) from {ev} f where f.source_filepath = e.source_filepath) "
-            "and e.state = any(%(terminal)s)) h group by source_filepath"
-        ).format(t=self.t, ev=self.ev)
-        params = {"since": since, "terminal": sorted(str(s) for s in TERMINAL)}
-        rows = self._run(
-            "handled_sources", lambda c: c.execute(q, params).fetchall(), SCAN_DEADLINE
-        )
-        return {r[0]: r[1] for r in rows}
+            "or (updated_at is null and created_at >= %(since)s)) group by source_filepath"
+        ).format(t=self.t)
+        params = {"since": since}
+
+        def fetch(c: Conn) -> tuple[list[Any], list[Any]]:
+            return c.execute(events, params).fetchall(), c.execute(rows, params).fetchall()
+
+        ev, done = self._run("handled_sources", fetch, SCAN_DEADLINE)
+        return merge_handled([tuple(r) for r in ev], [(r[0], r[1]) for r in done if r[1]])
 
     def verified_sources(self, since: datetime) -> dict[str, str]:
         q = sql.SQL(
@@ -546,46 +576,70 @@ class PostgresCatalog:
 
         return self._run("claim", take)
 
-    def mark_done(self, sha1: str, filepath: str, owner: Owner) -> None:
+    def mark_done(
+        self, sha1: str, filepath: str, owner: Owner, identity: str | None = None
+    ) -> None:
         now = utcnow()
         q = sql.SQL(
             "with u as (update {t} set state = 'done', filepath = %(filepath)s, "
             "file_transferred_at = %(at)s, verified_at = %(at)s, updated_at = %(at)s, "
             "error = null where sha1_hash = %(sha1)s and state = 'claimed' "
             "and claimed_by = %(owner)s returning source_filepath) "
-            "insert into {ev} (at, sha1_hash, source_filepath, state, host, pid, reason) "
-            "select %(at)s, %(sha1)s, source_filepath, %(state)s, %(host)s, %(pid)s, "
-            "%(reason)s from u"
+            "insert into {ev} (at, sha1_hash, source_filepath, state, host, pid, reason, "
+            "identity) select %(at)s, %(sha1)s, source_filepath, %(state)s, %(host)s, "
+            "%(pid)s, %(reason)s, %(identity)s from u"
         ).format(t=self.t, ev=self.ev)
-        params = self._event_params(sha1, "", State.DONE, filepath, owner, now)
+        params = self._event_params(sha1, "", State.DONE, filepath, owner, now, identity)
         params.update(owner=str(owner), filepath=filepath)
         n = self._run("mark_done", lambda c: c.execute(q, params).rowcount)
         if n != 1:
             raise CatalogUnavailable(f"claim on {sha1} was lost before it could be recorded")
 
     def mark_failed(
-        self, key: str, facts: FileFacts, state: State, reason: str, owner: Owner
+        self,
+        key: str,
+        facts: FileFacts,
+        state: State,
+        reason: str,
+        owner: Owner,
+        filepath: str | None = None,
     ) -> None:
         now = utcnow()
         q = sql.SQL(
             "with up as (insert into {t} as cur (sha1_hash, source_filepath, file_created_at, "
-            "state, error, raw_sha1, raw_size, packed_size, updated_at, claimed_by, claimed_at) "
-            "values (%(sha1)s, %(src)s, %(created)s, %(state)s, %(reason)s, %(raw_sha1)s, "
-            "%(raw_size)s, %(packed_size)s, %(at)s, null, null) "
+            "state, error, raw_sha1, raw_size, packed_size, updated_at, claimed_by, claimed_at, "
+            "filepath) values (%(sha1)s, %(src)s, %(created)s, %(state)s, %(reason)s, "
+            "%(raw_sha1)s, %(raw_size)s, %(packed_size)s, %(at)s, null, null, %(filepath)s) "
             "on conflict (sha1_hash) do update set state = excluded.state, "
             "error = excluded.error, updated_at = excluded.updated_at, claimed_by = null, "
-            "claimed_at = null where cur.state <> 'done') "
-            "insert into {ev} (at, sha1_hash, source_filepath, state, host, pid, reason) "
-            "values (%(at)s, %(sha1)s, %(src)s, %(state)s, %(host)s, %(pid)s, %(reason)s)"
+            "claimed_at = null, filepath = excluded.filepath where cur.state <> 'done') "
+            "insert into {ev} (at, sha1_hash, source_filepath, state, host, pid, reason, "
+            "identity) values (%(at)s, %(sha1)s, %(src)s, %(state)s, %(host)s, %(pid)s, "
+            "%(reason)s, %(identity)s)"
         ).format(t=self.t, ev=self.ev)
-        params = self._event_params(key, facts.source_filepath, state, reason, owner, now)
+        params = self._event_params(
+            key, facts.source_filepath, state, reason, owner, now, facts.identity
+        )
         params.update(
             created=facts.file_created_at,
             raw_sha1=facts.raw_sha1,
             raw_size=facts.raw_size,
             packed_size=facts.packed_size,
+            filepath=filepath,
         )
         self._run("mark_failed", lambda c: c.execute(q, params))
+
+    def failed_at_destination(self, since: datetime) -> dict[str, str]:
+        q = sql.SQL(
+            "select source_filepath, filepath from {t} where state = 'failed' "
+            "and filepath is not null and updated_at >= %(since)s"
+        ).format(t=self.t)
+        rows = self._run(
+            "failed_at_destination",
+            lambda c: c.execute(q, {"since": since}).fetchall(),
+            SCAN_DEADLINE,
+        )
+        return {r[0]: r[1] for r in rows}
 
     def release(self, sha1: str, owner: Owner, reason: str) -> None:
         now = utcnow()
@@ -604,9 +658,15 @@ class PostgresCatalog:
         self._run("release", lambda c: c.execute(q, params))
 
     def record_event(
-        self, sha1: str | None, source_filepath: str, state: State, reason: str, owner: Owner
+        self,
+        sha1: str | None,
+        source_filepath: str,
+        state: State,
+        reason: str,
+        owner: Owner,
+        identity: str | None = None,
     ) -> None:
-        params = self._event_params(sha1, source_filepath, state, reason, owner, utcnow())
+        params = self._event_params(sha1, source_filepath, state, reason, owner, utcnow(), identity)
         q = self._event_sql()
         self._run("record_event", lambda c: c.execute(q, params))
 
@@ -673,8 +733,9 @@ def _schema_statements(
             "create table if not exists {ev} ("
             "id bigint generated always as identity primary key, "
             "at timestamp not null, sha1_hash varchar(40), source_filepath text not null, "
-            "state text not null, host text, pid integer, reason text)"
+            "state text not null, host text, pid integer, reason text, identity text)"
         ).format(ev=ev),
+        sql.SQL("alter table {ev} add column if not exists identity text").format(ev=ev),
         sql.SQL("create index if not exists {i} on {ev} (source_filepath, id)").format(
             i=_name(f"{table}_events_source_idx"), ev=ev
         ),

@@ -16,14 +16,15 @@ from typing import Any
 
 from rawtransfer.catalog.base import (
     EXTRA_COLUMNS,
-    TERMINAL,
     UPSTREAM_COLUMNS,
     ClaimOutcome,
     ClaimResult,
     FileFacts,
+    Handled,
     Owner,
     State,
     judge_existing,
+    merge_handled,
     utcnow,
 )
 from rawtransfer.config import IDENTIFIER_RE
@@ -42,6 +43,14 @@ def _ident(name: str) -> str:
 
 def _ts(value: datetime | None) -> str | None:
     return value.isoformat(sep=" ") if value is not None else None
+
+
+def _events(rows: list[Any]) -> list[tuple[str, datetime, str, str | None]]:
+    return [(r[0], datetime.fromisoformat(r[1]), r[2], r[3]) for r in rows]
+
+
+def _rows(rows: list[Any]) -> list[tuple[str, datetime]]:
+    return [(r[0], datetime.fromisoformat(r[1])) for r in rows if r[1]]
 
 
 class SqliteCatalog:
@@ -88,13 +97,17 @@ class SqliteCatalog:
                 state text not null,
                 host text,
                 pid integer,
-                reason text
+                reason text,
+                identity text
             );
             create index if not exists {_ident(self.table + "_events_source_idx")}
                 on {self.ev} (source_filepath, id);
             create index if not exists {_ident(self.table + "_events_at_idx")} on {self.ev} (at);
             """
         )
+        have_ev = {row[1] for row in self._db.execute(f"pragma table_info({self.ev})")}
+        if "identity" not in have_ev:  # a catalog from before identities were recorded
+            self._db.execute(f"alter table {self.ev} add column identity text")
         have = {row[1] for row in self._db.execute(f"pragma table_info({self.t})")}
         for c in self.metadata_columns:
             if c not in have:
@@ -124,35 +137,39 @@ class SqliteCatalog:
             ).fetchone()
         return State(row[0]) if row else None
 
-    def handled_at(self, source_filepath: str) -> datetime | None:
-        terminal = tuple(str(s) for s in TERMINAL)
-        marks = ",".join("?" * len(terminal))
+    def handled(self, source_filepath: str) -> Handled | None:
         with self._lock:
-            row = self._x(
-                f"select max(t) from (select max(at) as t from {self.ev} "
-                f"where source_filepath = ? and state in ({marks}) "
-                f"union all select max(coalesce(updated_at, created_at)) from {self.t} "
-                "where source_filepath = ? and state = 'done')",
-                (source_filepath, *terminal, source_filepath),
-            ).fetchone()
-        return datetime.fromisoformat(row[0]) if row and row[0] else None
-
-    def handled_sources(self, since: datetime) -> dict[str, datetime]:
-        terminal = tuple(str(s) for s in TERMINAL)
-        marks = ",".join("?" * len(terminal))
-        with self._lock:
-            rows = self._x(
-                "select source_filepath, max(t) from ("
-                f"select source_filepath, coalesce(updated_at, created_at) as t from {self.t} "
-                "where state = 'done' and source_filepath is not null "
-                "and coalesce(updated_at, created_at) >= ? "
-                f"union all select e.source_filepath, e.at from {self.ev} e where e.at >= ? "
-                f"and e.id = (select max(id) from {self.ev} f "
-                f"where f.source_filepath = e.source_filepath) and e.state in ({marks})"
-                ") group by source_filepath",
-                (_ts(since), _ts(since), *terminal),
+            ev = self._x(
+                f"select source_filepath, at, state, identity from {self.ev} "
+                "where source_filepath = ? order by id desc limit 1",
+                (source_filepath,),
             ).fetchall()
-        return {r[0]: datetime.fromisoformat(r[1]) for r in rows}
+            rows = (
+                []
+                if ev
+                else self._x(
+                    f"select source_filepath, max(coalesce(updated_at, created_at)) from {self.t} "
+                    "where source_filepath = ? and state = 'done' group by source_filepath",
+                    (source_filepath,),
+                ).fetchall()
+            )
+        return merge_handled(_events(ev), _rows(rows)).get(source_filepath)
+
+    def handled_sources(self, since: datetime) -> dict[str, Handled]:
+        with self._lock:
+            ev = self._x(
+                f"select e.source_filepath, e.at, e.state, e.identity from {self.ev} e "
+                f"where e.at >= ? and e.id = (select max(id) from {self.ev} f "
+                "where f.source_filepath = e.source_filepath)",
+                (_ts(since),),
+            ).fetchall()
+            rows = self._x(
+                f"select source_filepath, max(coalesce(updated_at, created_at)) from {self.t} "
+                "where state = 'done' and source_filepath is not null "
+                "and coalesce(updated_at, created_at) >= ? group by source_filepath",
+                (_ts(since),),
+            ).fetchall()
+        return merge_handled(_events(ev), _rows(rows))
 
     def verified_sources(self, since: datetime) -> dict[str, str]:
         with self._lock:
@@ -245,7 +262,9 @@ class SqliteCatalog:
             self._event(sha1, facts.source_filepath, State.CLAIMED, reason, owner, now)
             return ClaimResult(ClaimOutcome.CLAIMED, taken_over_from=claimed_by)
 
-    def mark_done(self, sha1: str, filepath: str, owner: Owner) -> None:
+    def mark_done(
+        self, sha1: str, filepath: str, owner: Owner, identity: str | None = None
+    ) -> None:
         now = utcnow()
         with self._lock:
             cur = self._x(
@@ -259,20 +278,26 @@ class SqliteCatalog:
             src = self._x(
                 f"select source_filepath from {self.t} where sha1_hash = ?", (sha1,)
             ).fetchone()[0]
-            self._event(sha1, src, State.DONE, filepath, owner, now)
+            self._event(sha1, src, State.DONE, filepath, owner, now, identity)
 
     def mark_failed(
-        self, key: str, facts: FileFacts, state: State, reason: str, owner: Owner
+        self,
+        key: str,
+        facts: FileFacts,
+        state: State,
+        reason: str,
+        owner: Owner,
+        filepath: str | None = None,
     ) -> None:
         now = utcnow()
         with self._lock:
             self._x(
                 f"insert into {self.t} (sha1_hash, source_filepath, file_created_at, state, "
-                "error, raw_sha1, raw_size, packed_size, updated_at, claimed_by, claimed_at) "
-                "values (?, ?, ?, ?, ?, ?, ?, ?, ?, null, null) "
+                "error, raw_sha1, raw_size, packed_size, updated_at, claimed_by, claimed_at, "
+                "filepath) values (?, ?, ?, ?, ?, ?, ?, ?, ?, null, null, ?) "
                 "on conflict (sha1_hash) do update set state = excluded.state, "
                 "error = excluded.error, updated_at = excluded.updated_at, claimed_by = null, "
-                "claimed_at = null where state != 'done'",
+                "claimed_at = null, filepath = excluded.filepath where state != 'done'",
                 (
                     key,
                     facts.source_filepath,
@@ -283,9 +308,19 @@ class SqliteCatalog:
                     facts.raw_size,
                     facts.packed_size,
                     _ts(now),
+                    filepath,
                 ),
             )
-            self._event(key, facts.source_filepath, state, reason, owner, now)
+            self._event(key, facts.source_filepath, state, reason, owner, now, facts.identity)
+
+    def failed_at_destination(self, since: datetime) -> dict[str, str]:
+        with self._lock:
+            rows = self._x(
+                f"select source_filepath, filepath from {self.t} where state = 'failed' "
+                "and filepath is not null and updated_at >= ?",
+                (_ts(since),),
+            ).fetchall()
+        return {r[0]: r[1] for r in rows}
 
     def release(self, sha1: str, owner: Owner, reason: str) -> None:
         now = utcnow()
@@ -307,10 +342,16 @@ class SqliteCatalog:
             self._event(sha1, row[0], State.RELEASED, reason, owner, now)
 
     def record_event(
-        self, sha1: str | None, source_filepath: str, state: State, reason: str, owner: Owner
+        self,
+        sha1: str | None,
+        source_filepath: str,
+        state: State,
+        reason: str,
+        owner: Owner,
+        identity: str | None = None,
     ) -> None:
         with self._lock:
-            self._event(sha1, source_filepath, state, reason, owner, utcnow())
+            self._event(sha1, source_filepath, state, reason, owner, utcnow(), identity)
 
     def _event(
         self,
@@ -320,11 +361,12 @@ class SqliteCatalog:
         reason: str,
         owner: Owner,
         at: datetime,
+        identity: str | None = None,
     ) -> None:
         self._x(
-            f"insert into {self.ev} (at, sha1_hash, source_filepath, state, host, pid, reason) "
-            "values (?, ?, ?, ?, ?, ?, ?)",
-            (_ts(at), sha1, source, state.value, owner.host, owner.pid, reason),
+            f"insert into {self.ev} (at, sha1_hash, source_filepath, state, host, pid, reason, "
+            "identity) values (?, ?, ?, ?, ?, ?, ?, ?)",
+            (_ts(at), sha1, source, state.value, owner.host, owner.pid, reason, identity),
         )
 
     def close(self) -> None:

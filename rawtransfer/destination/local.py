@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
+from rawtransfer import faults
 from rawtransfer.destination.base import (
     CHUNK,
     DIR_MODE,
@@ -205,6 +206,7 @@ class LocalDestination:
                 if stop.is_set():
                     raise Interrupted(f"copy of {q(src)} abandoned at shutdown")
                 out.write(chunk)
+                faults.hit("during-copy")
             out.flush()
             os.fsync(out.fileno())
             os.fchmod(out.fileno(), self.file_mode)

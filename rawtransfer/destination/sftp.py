@@ -64,6 +64,7 @@ from paramiko.sftp import (
     int64,
 )
 
+from rawtransfer import faults
 from rawtransfer.config import RemoteDest
 from rawtransfer.destination.base import (
     DIR_MODE,
@@ -652,6 +653,7 @@ class SftpDestination:
                     conn.status(pending.popleft(), tmp)
                 pending.append(conn.send(CMD_WRITE, handle, int64(offset), data))
                 offset += len(data)
+                faults.hit("during-copy")
             if conn.has(FSYNC):
                 # the source may be deleted once this copy is verified: it must be on disk
                 pending.append(conn.send(CMD_EXTENDED, FSYNC, handle))

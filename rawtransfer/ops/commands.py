@@ -26,14 +26,38 @@ def _db_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _retry_parser() -> argparse.ArgumentParser:
+    from rawtransfer.cli import _add_common, _Parser
+    from rawtransfer.ops import retry
+
+    p = _Parser(
+        prog="raw-transfer retry",
+        description="Ask for failed files to be tried again (recorded in their history).",
+    )
+    retry.add_arguments(p)
+    _add_common(p)
+    return p
+
+
 def run_subcommand(args: list[str]) -> int:
     name = args[0]
     if name in LATER:
         print(f"raw-transfer: error: {LATER[name]}", file=sys.stderr)
         return EXIT_USAGE
-    ns = _db_parser().parse_args(args[1:])
+    ns = (_retry_parser() if name == "retry" else _db_parser()).parse_args(args[1:])
     values: dict[str, Any] = {}
     flags = vars(ns)
+    if name == "retry":
+        files, all_failed = flags.pop("files"), flags.pop("all_failed")
+        if "config" in flags:
+            values.update(load_toml(flags.pop("config")))
+        values.update(flags)
+        values = {k: v for k, v in values.items() if k in SETTING_NAMES}
+        try:
+            return _retry(values, files, all_failed)
+        except RawTransferError as exc:
+            print(f"raw-transfer: error: {exc}", file=sys.stderr)
+            return exc.exit_code
     action = flags.pop("action")
     if "config" in flags:
         values.update(load_toml(flags.pop("config")))
@@ -46,6 +70,22 @@ def run_subcommand(args: list[str]) -> int:
         return exc.exit_code
 
 
+def _retry(values: dict[str, Any], files: list[str], all_failed: bool) -> int:
+    from rawtransfer.config import Settings
+    from rawtransfer.ops import retry
+    from rawtransfer.service import make_catalog
+
+    validate_metadata_regex(values.get("metadata_regex"))
+    if values.get("state_dir") is not None:
+        values["state_dir"] = Path(str(values["state_dir"])).expanduser()
+    s = Settings(source_dir=Path("."), dest=None, **values)  # type: ignore[arg-type]
+    catalog = make_catalog(s)
+    try:
+        return retry.retry(catalog, files, all_failed)
+    finally:
+        catalog.close()
+
+
 def _db(action: str, values: dict[str, Any]) -> int:
     from rawtransfer.catalog.sqlite import SqliteCatalog
     from rawtransfer.config import IDENTIFIER_RE, Settings
@@ -53,6 +93,8 @@ def _db(action: str, values: dict[str, Any]) -> int:
 
     validate_metadata_regex(values.get("metadata_regex"))
     table = values.get("db_table", "rawtransfer")
+    if values.get("state_dir") is not None:
+        values["state_dir"] = Path(str(values["state_dir"])).expanduser()
     if not IDENTIFIER_RE.match(table):
         raise ConfigError(f"--db-table {table!r} is not a lower-case SQL identifier")
     s = Settings(source_dir=Path("."), dest=None, **values)  # type: ignore[arg-type]

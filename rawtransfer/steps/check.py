@@ -8,14 +8,17 @@ subprocess per file (``fitscheck``) would cost half a second of interpreter star
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
+from astropy.io.fits.verify import VerifyError
 from astropy.utils.exceptions import AstropyUserWarning
 
-from rawtransfer.errors import FileRejected
+from rawtransfer.errors import FileRejected, FrameTooLarge
+from rawtransfer.steps.settle import data_size
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,13 @@ def strict_astropy_warnings() -> None:
         warnings.filterwarnings("error", category=AstropyUserWarning)
 
 
-def check(path: Path) -> CheckResult:
+# No bound unless the caller gives one (the service passes --max-frame-bytes).
+UNBOUNDED = 1 << 62
+
+
+def check(path: Path, max_bytes: int = UNBOUNDED) -> CheckResult:
+    """Verify every HDU; refuse, before decompressing anything, an HDU whose data would
+    take more than ``max_bytes`` in memory."""
     strict_astropy_warnings()
     headers: list[fits.Header] = []
     float_images = False
@@ -53,13 +62,25 @@ def check(path: Path) -> CheckResult:
             path, checksum=True, memmap=True, do_not_scale_image_data=True, lazy_load_hdus=False
         ) as hdul:
             hdul.verify("exception")
-            for hdu in hdul:
-                data = hdu.data  # reads (and for compressed HDUs decompresses) the data
+            for i, hdu in enumerate(hdul):
+                declared = data_size(hdu.header)
+                if declared > max_bytes:
+                    raise FrameTooLarge(
+                        f"HDU {i} declares {declared} bytes of data, more than "
+                        f"--max-frame-bytes {max_bytes}"
+                    )
                 if isinstance(hdu, fits.CompImageHDU):
+                    # decompress every tile, a block of rows at a time: memory stays
+                    # bounded whatever the image's size
+                    for _block in row_blocks(hdu):
+                        pass
                     packed = True
-                elif (
-                    hdu.is_image
-                    and data is not None
+                    data = None
+                else:
+                    data = hdu.data  # memory-mapped: reading it costs no copy
+                if (
+                    data is not None
+                    and hdu.is_image
                     and np.issubdtype(np.asarray(data).dtype, np.floating)
                     and int(hdu.header.get("BITPIX", 0)) < 0
                 ):
@@ -67,11 +88,36 @@ def check(path: Path) -> CheckResult:
                 headers.append(hdu.header.copy())
     except FileRejected:
         raise
-    except (OSError, ValueError, TypeError, KeyError, IndexError, AstropyUserWarning) as exc:
+    except (
+        OSError,
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        AstropyUserWarning,
+        VerifyError,
+    ) as exc:
         raise FileRejected(f"{_describe(exc)}") from None
     if not headers:
         raise FileRejected("no HDUs")
     return CheckResult(headers=tuple(headers), float_images=float_images, packed=packed)
+
+
+# Decompressing or comparing an image goes a block of rows at a time, of about this many
+# bytes: astropy's sections read (and for a tile-compressed HDU decompress) only the rows
+# asked for, so memory does not grow with the frame.
+BLOCK_BYTES = 8 << 20
+
+
+def row_blocks(hdu: fits.hdu.base._BaseHDU) -> Iterator[np.ndarray]:
+    """The HDU's stored values (unscaled), in blocks along the slowest axis."""
+    shape = tuple(hdu.shape)
+    if not shape:
+        return
+    per_row = max(1, abs(int(hdu.header["BITPIX"])) // 8 * int(np.prod(shape[1:])))
+    step = max(1, BLOCK_BYTES // per_row)
+    for start in range(0, shape[0], step):
+        yield hdu.section[start : start + step]
 
 
 def _describe(exc: BaseException) -> str:

@@ -13,15 +13,19 @@ the original's before anything relies on it.
 from __future__ import annotations
 
 import logging
+import shutil
 import subprocess
+import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
 
-from rawtransfer.destination.base import TMP_SUFFIX
+from rawtransfer.destination.base import CHUNK, TMP_SUFFIX
 from rawtransfer.errors import PackError
+from rawtransfer.steps.check import row_blocks
 
 log = logging.getLogger(__name__)
 
@@ -44,51 +48,82 @@ def spool_name(spool: Path) -> Path:
     return spool / f".{uuid.uuid4().hex}.fits.fz{TMP_SUFFIX}"
 
 
-def clean_spool(spool: Path) -> int:
-    """Remove temporary files left by a previous run that was killed mid-pack."""
-    removed = 0
-    for p in spool.glob(f".*{TMP_SUFFIX}"):
-        try:
-            p.unlink()
-            removed += 1
-        except FileNotFoundError:
-            pass
-    return removed
-
-
-def pack(source: Path, spool: Path, *, float_images: bool) -> Path:
+def pack(
+    source: Path,
+    spool: Path,
+    *,
+    float_images: bool,
+    between: Callable[[], None] | None = None,
+) -> Path:
     """fpack ``source`` into a new file in ``spool``, verify it, return its path.
 
     The file goes to fpack on standard input and comes back on standard output: CFITSIO
     reads file *names* with its extended syntax (``x.fits[1]``, ``$VAR``, ``(out)``...),
-    so a camera's file name must never reach it.
+    so a camera's file name must never reach it. The output is written by this process,
+    not by fpack: fpack exits 0 even when its output could not be written (a full
+    spool), whereas here the write fails with ENOSPC and says so. ``between`` runs after
+    packing and before the proof (a fault point).
     """
     out = spool_name(spool)
     cmd = [*fpack_args(float_images), "-S", "-"]
     try:
         with open(source, "rb") as inp, open(out, "xb") as outp:
-            proc = subprocess.run(
-                cmd,
-                stdin=inp,
-                stdout=outp,
-                stderr=subprocess.PIPE,
-                timeout=FPACK_TIMEOUT,
-                check=False,
-            )
-    except subprocess.TimeoutExpired:
-        out.unlink(missing_ok=True)
-        raise PackError(f"fpack took longer than {FPACK_TIMEOUT:.0f} s") from None
+            proc = subprocess.Popen(cmd, stdin=inp, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            # a hung read (NFS) must give the worker its thread back
+            timed_out = threading.Event()
+
+            def _kill() -> None:
+                timed_out.set()
+                proc.kill()
+
+            timer = threading.Timer(FPACK_TIMEOUT, _kill)
+            timer.start()
+            assert proc.stdout is not None and proc.stderr is not None
+            try:
+                while chunk := proc.stdout.read(CHUNK):
+                    outp.write(chunk)
+                outp.flush()
+            except BaseException:
+                proc.kill()  # it would block on a pipe nobody reads any more
+                raise
+            finally:
+                timer.cancel()
+                proc.stdout.close()
+                err = proc.stderr.read()
+                proc.stderr.close()
+                code = proc.wait()
     except FileNotFoundError as exc:
         out.unlink(missing_ok=True)
-        if exc.filename == "fpack" or not Path(source).exists():
+        if exc.filename == "fpack":
             raise PackError("fpack is not installed (apt-get install libcfitsio-bin)") from None
         raise
-    if proc.returncode != 0 or out.stat().st_size == 0:
+    except BaseException:
         out.unlink(missing_ok=True)
-        msg = " ".join(proc.stderr.decode(errors="replace").split())[:300]
-        raise PackError(f"fpack exited {proc.returncode}: {msg}")
+        raise
+    if timed_out.is_set():
+        out.unlink(missing_ok=True)
+        raise PackError(f"fpack took longer than {FPACK_TIMEOUT:.0f} s")
+    if code != 0 or out.stat().st_size == 0:
+        out.unlink(missing_ok=True)
+        msg = " ".join(err.decode(errors="replace").split())[:300]
+        raise PackError(f"fpack exited {code}: {msg}")
     try:
+        if between is not None:
+            between()
         verify_packed(source, out)
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def copy_to_spool(source: Path, spool: Path) -> Path:
+    """A private copy of an already packed source, so that the bytes hashed, uploaded
+    and verified are one snapshot even if the source is rewritten meanwhile."""
+    out = spool_name(spool)
+    try:
+        with open(source, "rb") as inp, open(out, "xb") as outp:
+            shutil.copyfileobj(inp, outp, CHUNK)
     except BaseException:
         out.unlink(missing_ok=True)
         raise
@@ -101,25 +136,47 @@ def _data_hdus(hdul: fits.HDUList) -> list[fits.hdu.base._BaseHDU]:
     ]
 
 
-def _image_bytes(hdu: fits.hdu.base._BaseHDU) -> tuple[str, bytes]:
-    """Stored pixel values as big-endian bytes (BZERO/BSCALE not applied)."""
-    arr = np.asarray(hdu.data)
-    be = arr.astype(arr.dtype.newbyteorder(">"), copy=False)
-    return str(be.dtype), be.tobytes()
+def _big_endian(a: np.ndarray) -> np.ndarray:
+    """The stored values as big-endian bytes, bit for bit (NaN payloads included)."""
+    return np.ascontiguousarray(a, dtype=a.dtype.newbyteorder(">")).view(np.uint8)
 
 
-def _raw_data(path: Path, hdu: fits.hdu.base._BaseHDU) -> bytes:
-    info = hdu.fileinfo()
-    with open(path, "rb") as fh:
-        fh.seek(info["datLoc"])
-        return fh.read(info["datSpan"])
+def _same_pixels(x: fits.hdu.base._BaseHDU, y: fits.hdu.base._BaseHDU) -> bool:
+    if tuple(y.shape) != tuple(x.shape):
+        return False
+    for a, b in zip(row_blocks(x), row_blocks(y), strict=True):
+        if a.dtype.itemsize != b.dtype.itemsize or a.dtype.kind != b.dtype.kind:
+            return False
+        if not np.array_equal(_big_endian(a), _big_endian(b)):
+            return False
+    return True
+
+
+def _same_bytes(pa: Path, x: fits.hdu.base._BaseHDU, pb: Path, y: fits.hdu.base._BaseHDU) -> bool:
+    ia, ib = x.fileinfo(), y.fileinfo()
+    if ia["datSpan"] != ib["datSpan"]:
+        return False
+    with open(pa, "rb") as fa, open(pb, "rb") as fb:
+        fa.seek(ia["datLoc"])
+        fb.seek(ib["datLoc"])
+        left = ia["datSpan"]
+        while left > 0:
+            n = min(CHUNK, left)
+            if fa.read(n) != fb.read(n):
+                return False
+            left -= n
+    return True
 
 
 def verify_packed(original: Path, packed: Path) -> None:
-    """Raise PackError unless every HDU of ``packed`` holds exactly ``original``'s data."""
+    """Raise PackError unless every HDU of ``packed`` holds exactly ``original``'s data.
+
+    Compared block by block of rows through astropy's sections, so the proof's memory is
+    bounded by check.BLOCK_BYTES whatever the frame's size (a tile-compressed HDU decompresses
+    only the tiles of the rows asked for)."""
     try:
         with (
-            fits.open(original, do_not_scale_image_data=True, memmap=True) as a,
+            fits.open(original, do_not_scale_image_data=True, memmap=False) as a,
             fits.open(packed, do_not_scale_image_data=True, memmap=False) as b,
         ):
             ha, hb = _data_hdus(a), _data_hdus(b)
@@ -132,9 +189,9 @@ def verify_packed(original: Path, packed: Path) -> None:
                     for card in ("BZERO", "BSCALE", "BLANK"):
                         if x.header.get(card) != y.header.get(card):
                             raise PackError(f"HDU {i} {card} changed when packed")
-                    if _image_bytes(x) != _image_bytes(y):
+                    if not _same_pixels(x, y):
                         raise PackError(f"HDU {i} pixels differ after unpacking")
-                elif _raw_data(original, x) != _raw_data(packed, y):
+                elif not _same_bytes(original, x, packed, y):
                     raise PackError(f"HDU {i} table data differ when packed")
     except PackError:
         raise

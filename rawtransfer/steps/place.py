@@ -17,6 +17,7 @@ from astropy.io import fits
 from astropy.time import Time
 
 from rawtransfer.errors import FileRejected
+from rawtransfer.names import cut
 
 # FITS date values: YYYY-MM-DD, optionally with Thh:mm:ss[.fff]. The old DD/MM/YY form is
 # ambiguous about the century and is refused rather than guessed.
@@ -32,16 +33,18 @@ def header_date(headers: Iterable[fits.Header], card: str) -> date:
     else:
         raise FileRejected(f"header card {card} is missing")
     if not isinstance(value, str):
-        raise FileRejected(f"header card {card} is not a date string: {value!r}")
+        raise FileRejected(f"header card {card} is not a date string: {cut(repr(value), 80)}")
     text = value.strip()
     if not _FITS_DATE_RE.match(text):
-        raise FileRejected(f"header card {card} is not an ISO date: {value!r}")
+        raise FileRejected(f"header card {card} is not an ISO date: {cut(repr(value), 80)}")
     try:
         t = Time(text, format="fits", scale="utc")
         ymd = t.ymdhms
         return date(int(ymd["year"]), int(ymd["month"]), int(ymd["day"]))
     except (ValueError, TypeError) as exc:
-        raise FileRejected(f"header card {card} is not a valid date: {value!r} ({exc})") from None
+        raise FileRejected(
+            f"header card {card} is not a valid date: {cut(repr(value), 80)} ({exc})"
+        ) from None
 
 
 def packed_name(source_name: str) -> str:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from astropy.io import fits
+from astropy.io.fits.verify import VerifyError
+from astropy.utils.exceptions import AstropyUserWarning
 
 from rawtransfer.errors import FileIncomplete, FileRejected
 
@@ -34,6 +36,8 @@ class NotRegular(Exception):
 class Ready:
     size: int
     mtime: float
+    mtime_ns: int = 0
+    ino: int = 0
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,8 @@ def fits_expected_size(path: Path) -> int:
                 header = fits.Header.fromfile(fh, endcard=True, padding=True)
             except EOFError:
                 raise FileIncomplete(f"truncated inside the header of HDU {index}") from None
-            except (ValueError, OSError) as exc:
+            except (ValueError, OSError, AstropyUserWarning, VerifyError) as exc:
+                # non-ASCII header bytes come as a warning, which check.py makes an error
                 if fh.tell() >= size:
                     raise FileIncomplete(f"truncated inside the header of HDU {index}") from None
                 raise FileRejected(f"unreadable header of HDU {index}: {exc}") from None
@@ -132,4 +137,4 @@ def settle(
     st2 = lstat_regular(path)
     if (st2.st_size, st2.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
         return Wait(max(patience, 0.1))
-    return Ready(size=st.st_size, mtime=st.st_mtime)
+    return Ready(size=st.st_size, mtime=st.st_mtime, mtime_ns=st.st_mtime_ns, ino=st.st_ino)
