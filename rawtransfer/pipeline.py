@@ -325,6 +325,10 @@ def _transfer(
             return Outcome(Result.BUSY, path, reason="claimed by another worker", delay=5.0)
         if claim.taken_over_from:
             log.warning("%s: took over a claim of %s", q(path), claim.taken_over_from)
+            # the copy of the previous holder (killed mid-copy) left its temporary file;
+            # the claim is ours now, so nobody else writes to it
+            if n := ctx.destination.discard_temporaries(rel):
+                log.info("%s: removed %d temporary file(s) of an abandoned copy", q(path), n)
         try:
             faults.hit("after-claim", path)
             if (changed := _changed(a, "after the claim")) is not None:

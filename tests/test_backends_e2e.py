@@ -38,10 +38,19 @@ class Backend:
     env: dict[str, str] = field(default_factory=dict)
 
     def run(
-        self, src: Path, *args: str | Path, timeout: float = 300
+        self,
+        src: Path,
+        *args: str | Path,
+        timeout: float = 300,
+        env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
         return run_rt(
-            src, *self.dest_args, *self.catalog_args, *args, env=self.env, timeout=timeout
+            src,
+            *self.dest_args,
+            *self.catalog_args,
+            *args,
+            env={**self.env, **(env or {})},
+            timeout=timeout,
         )
 
 

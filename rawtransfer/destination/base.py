@@ -17,6 +17,7 @@ import threading
 import time
 from enum import StrEnum
 from fnmatch import fnmatchcase
+from glob import escape as glob_escape
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
@@ -40,6 +41,11 @@ def full_message(what: str, exc: OSError, free: int | None) -> str:
     """``writing X: No space left on device (destination full? N bytes free)``."""
     space = "free space unknown" if free is None else f"{free} bytes free"
     return f"{what}: {exc.strerror or exc} (destination full? {space})"
+
+
+def temporaries_of(name: str) -> str:
+    """The glob of the temporary names of copies to the final name ``name``."""
+    return f".{glob_escape(name)}.*{TMP_SUFFIX}"
 
 
 def is_temporary(name: str) -> bool:
@@ -78,6 +84,11 @@ class Destination(Protocol):
 
     def full_path(self, rel: PurePosixPath) -> str:
         """The path recorded in the catalog's ``filepath`` column."""
+
+    def discard_temporaries(self, rel: PurePosixPath) -> int:
+        """Remove the temporary files of copies to ``rel`` (``.NAME.*.rt-tmp`` in its
+        directory), whatever their age: called by the holder of the claim on that file,
+        after taking it over from a dead or stale owner, so no live copy writes them."""
 
     def file_done(self) -> None:
         """The calling worker thread is finished with one file (connection reuse policy)."""

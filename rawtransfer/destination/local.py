@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
 
 from rawtransfer import faults
@@ -31,6 +32,7 @@ from rawtransfer.destination.base import (
     Published,
     full_message,
     is_temporary,
+    temporaries_of,
 )
 from rawtransfer.errors import (
     DestinationConflict,
@@ -212,6 +214,28 @@ class LocalDestination:
             os.fchmod(out.fileno(), self.file_mode)
 
     # temporary leftovers ------------------------------------------------------------------
+    def discard_temporaries(self, rel: PurePosixPath) -> int:
+        pattern = temporaries_of(rel.name)
+        removed = 0
+        try:
+            with self._dir(tuple(rel.parent.parts)) as fd, os.scandir(fd) as entries:
+                names = [
+                    e.name
+                    for e in entries
+                    if fnmatchcase(e.name, pattern) and e.is_file(follow_symlinks=False)
+                ]
+                for name in names:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(name, dir_fd=fd)
+                        removed += 1
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            raise DestinationUnavailable(
+                f"cleaning {q(self.root / rel.parent)}: {exc.strerror or exc}"
+            ) from None
+        return removed
+
     def sweep_temporaries(self, older_than: float, changed_within: float | None = None) -> int:
         """Remove temporary files (``.*.rt-tmp``) older than ``older_than`` seconds from
         the root and the year, month and day directories; with ``changed_within``, only

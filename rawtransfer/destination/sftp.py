@@ -38,6 +38,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, TypeVar
@@ -74,6 +75,7 @@ from rawtransfer.destination.base import (
     Published,
     full_message,
     is_temporary,
+    temporaries_of,
 )
 from rawtransfer.destination.sftp_wire import (
     FSYNC,
@@ -306,6 +308,32 @@ class SftpDestination:
                 below += subdirs
             level = below
         return removed
+
+    def discard_temporaries(self, rel: PurePosixPath) -> int:
+        parent = os.fsencode(self.full_path(rel.parent))
+        pattern = temporaries_of(rel.name)
+
+        def run(conn: _Connection) -> int:
+            listing = conn.listdirs([parent])[parent]
+            if isinstance(listing, RemoteError):
+                if listing.code == SFTP_NO_SUCH_FILE:
+                    return 0
+                raise listing
+            names = [
+                posixpath.join(parent, n)
+                for n, st in listing
+                if fnmatchcase(os.fsdecode(n), pattern) and _is(st, stat.S_ISREG)
+            ]
+            # a server that follows links in listings would show a link as a file
+            doomed = [
+                p
+                for p, st in zip(names, conn.lstat_many(names), strict=True)
+                if _is(st, stat.S_ISREG)
+            ]
+            removed, _errors = conn.remove_many(doomed)
+            return removed
+
+        return self._run(f"cleaning {q(os.fsdecode(parent))}", run, self.copy_timeout)
 
     def file_done(self) -> None:
         """The calling worker is finished with a file; close its connection unless kept."""
