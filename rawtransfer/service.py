@@ -328,7 +328,10 @@ class Service:
                         rescan.poke()
                 elif source.healthy and not watcher.alive:
                     if not watcher.failing:
-                        log.error("the file watcher died; restarting it and rescanning")
+                        log.error(
+                            "the file watcher stopped (SOURCE_DIR removed and created "
+                            "again?); restarting it and rescanning"
+                        )
                     if watcher.arm():
                         rescan.poke()
                 # systemd restarts a service whose watchdog is not fed: feed it only

@@ -209,7 +209,15 @@ class Watcher:
 
     @property
     def alive(self) -> bool:
-        return self._observer is not None and self._observer.is_alive()
+        """The observer and its emitter both run. watchdog ends the emitter alone when
+        the watched directory is deleted (IN_DELETE_SELF): a directory removed and
+        created again between two looks can even get the same inode number back, so
+        this is how that case is seen."""
+        obs = self._observer
+        if obs is None or not obs.is_alive():
+            return False
+        emitters = obs.emitters
+        return bool(emitters) and all(e.is_alive() for e in emitters)
 
     def arm(self) -> bool:
         """Start watching (again); False, said once until it works, if it cannot."""
