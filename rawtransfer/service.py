@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import TextIO
@@ -37,6 +38,8 @@ from rawtransfer.workers import Pool, Stats
 
 log = logging.getLogger(__name__)
 
+# The periodic sweep of temporaries looks into day directories changed this recently.
+SWEEP_RECENT = 2 * 86400.0
 # How often the watcher-mode main loop looks at the source directory and the observer.
 HEALTH_INTERVAL = 5.0
 # After the grace period, abandoned copies get this long to clean up (remove their
@@ -304,7 +307,17 @@ class Service:
         backlog = Periodic(
             "backlog", s.canary_interval, Backlog(self.queue, alerter, s.alert_backlog), self.stop
         )
-        threads = [canary_timer, backfill_timer, rescan, backlog]
+        # a copy killed while the service ran (its worker thread is long gone) left a
+        # temporary file: swept once it is older than a lease, looking only into day
+        # directories changed in the last two days (cheap on a large archive)
+        sweep = Periodic(
+            "sweep",
+            s.backfill_interval,
+            partial(sweep_leftovers, ctx.destination, ctx.lease_seconds, SWEEP_RECENT),
+            self.stop,
+            run_first=False,
+        )
+        threads = [canary_timer, backfill_timer, rescan, backlog, sweep]
         if not s.keep_source:
             threads.append(
                 Periodic("tidy", s.overwrite_unpacked_interval, tidy, self.stop, run_first=False)

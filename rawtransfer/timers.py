@@ -16,9 +16,10 @@ from pathlib import Path, PurePosixPath
 from rawtransfer.alerts import Alerter
 from rawtransfer.catalog.base import Catalog, Handled, Owner, State, utc_from_epoch
 from rawtransfer.destination.base import Destination
-from rawtransfer.errors import ResourceUnavailable
+from rawtransfer.errors import Kind, ResourceUnavailable
 from rawtransfer.names import q
 from rawtransfer.queue import WorkQueue
+from rawtransfer.steps.settle import CLOCK_SLACK
 from rawtransfer.steps.snapshot import current_identity
 from rawtransfer.watch import Matcher, scan
 
@@ -107,7 +108,9 @@ class Canary:
                 if name not in self.down_since:
                     self.down_since[name] = now
                     log.error("%s unavailable, pausing transfers: %s", name, exc)
-                if now - self.down_since[name] >= self.alert_after and name not in self.alerted:
+                # refused (host key, rights, read-only): no waiting will help, say it now
+                late = now - self.down_since[name] >= self.alert_after
+                if (late or exc.kind == Kind.REFUSED) and name not in self.alerted:
                     self.alerted.add(name)
                     self.alerter.alert(
                         f"{name} down",
@@ -165,7 +168,9 @@ class Backfill:
             del handled[src]
         n = 0
         for path, mtime in scan(self.root, self.matcher, since):
-            if mtime > now - self.recency_window:
+            # young files are the watcher's; none are with --backfill-only (window 0). An
+            # mtime far ahead of the clock is no sign of youth: the clock was moved back
+            if self.recency_window > 0 and now - self.recency_window < mtime <= now + CLOCK_SLACK:
                 continue
             mark = handled.get(str(path))
             # the file that was handled, not merely one under its name (snapshot.Identity)

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rawtransfer.catalog.base import State
+from rawtransfer.errors import Kind, classify
 from rawtransfer.names import q
 from rawtransfer.pipeline import Context, Outcome, Result, process_one
 from rawtransfer.queue import Item, WorkQueue
-from rawtransfer.retry import is_transient
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,9 @@ class Pool:
             try:
                 self._one(item)
             except Exception as exc:
-                if is_transient(exc):
+                # process_one judges every error of a file itself; what reaches here is a
+                # catalog that went away while an outcome was being recorded, or a bug
+                if classify(exc) in (Kind.TRANSIENT, Kind.REFUSED):
                     self._retry(item, f"{type(exc).__name__}: {exc}", 0.0, retry=True)
                 else:
                     log.exception("%s: internal error; the file is left as it is", q(item.path))

@@ -75,10 +75,12 @@ def test_units_use_the_documented_interfaces() -> None:
         "PrivateTmp=yes",
         "ProtectHome=read-only",
         "UMask=0027",
+        "MemoryMax=",
     ):
         assert line in text
     tmpl = (ROOT / "systemd" / "rawtransfer@.service").read_text()
     assert "/etc/rawtransfer/%i.toml" in tmpl
+    assert "MemoryMax=" in tmpl
 
 
 def test_dockerfile_is_hadolint_clean() -> None:

@@ -32,6 +32,7 @@ from rawtransfer.errors import (
     DestinationLink,
     DestinationUnavailable,
     FileFailed,
+    Kind,
     ResourceUnavailable,
 )
 from tests import test_sftp_destination as contract
@@ -71,7 +72,7 @@ def age(path: Path, when: float = OLD) -> None:
 def test_a_link_is_a_permanent_file_failure() -> None:
     assert issubclass(DestinationLink, FileFailed)
     assert not issubclass(DestinationLink, ResourceUnavailable)
-    assert not DestinationLink.retryable
+    assert DestinationLink.kind == Kind.FAIL  # the file fails; a person is needed
     assert str(DestinationLink("x")) == "destination path goes through a symbolic link: x"
 
 
@@ -328,7 +329,7 @@ def test_a_full_destination_says_so(
     assert m, message
     assert 0 <= int(m.group(1)) < 64 << 10  # as it was when the write failed
     assert str(root / REL.parent) in message or str(root) in message
-    assert info.value.retryable  # the file waits; the queue pauses
+    assert info.value.kind == Kind.TRANSIENT  # the file waits; the queue pauses
     assert temps(root) == []
     # once there is room, the same file goes through
     small = os.urandom(1000)

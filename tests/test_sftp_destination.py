@@ -42,6 +42,7 @@ from rawtransfer.errors import (
     DestinationConflict,
     DestinationUnavailable,
     Interrupted,
+    Kind,
 )
 from tests.ssh_fixture import SshServer, new_ed25519
 
@@ -364,6 +365,7 @@ def test_unknown_host_key_is_refused(
     with pytest.raises(DestinationUnavailable) as info:
         d.check()
     text = str(info.value)
+    assert info.value.kind == Kind.REFUSED  # paused and alerted at once; exit 3 at start
     assert "unknown host key" in text
     assert f"[127.0.0.1]:{sshd_server.port}" in text
     assert fingerprint(sshd_server.host_public_key) in text
@@ -386,6 +388,7 @@ def test_changed_host_key_is_refused(
     with pytest.raises(DestinationUnavailable) as info:
         d.publish(packed(b"x"), REL, sha1_of(b"x"), threading.Event())
     text = str(info.value)
+    assert info.value.kind == Kind.REFUSED
     assert "host key changed" in text
     assert f"[127.0.0.1]:{sshd_server.port}" in text
     assert fingerprint(sshd_server.host_public_key) in text

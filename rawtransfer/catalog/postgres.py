@@ -48,7 +48,13 @@ from rawtransfer.catalog.base import (
     utcnow,
 )
 from rawtransfer.config import IDENTIFIER_RE, Settings
-from rawtransfer.errors import CatalogUnavailable, ConfigError, FileFailed
+from rawtransfer.errors import (
+    CatalogRefused,
+    CatalogUnavailable,
+    ConfigError,
+    FileFailed,
+    catalog_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -273,14 +279,25 @@ def _cut(fd: int) -> None:
         sock.close()
 
 
+_REFUSED_AT_CONNECT = (
+    "password authentication failed",
+    "no pg_hba.conf entry",
+    "does not exist",  # the role or the database
+    "permission denied",
+    "no password supplied",
+)
+
+
 def _connect(target: PgTarget) -> Conn:
     """One connection outside the pool, failing with a message an operator can act on."""
     try:
         return psycopg.connect(target.conninfo, autocommit=True)
     except psycopg.OperationalError as exc:
-        raise CatalogUnavailable(
-            f"cannot connect to {target.description}: {_message(exc)}"
-        ) from None
+        message = f"cannot connect to {target.description}: {_message(exc)}"
+        # libpq reports a refused login as text, with no SQLSTATE on the exception
+        if any(t in str(exc) for t in _REFUSED_AT_CONNECT):
+            raise CatalogRefused(message) from None
+        raise catalog_error(message, exc) from None
     except psycopg.Error as exc:  # a malformed parameter, say
         raise ConfigError(f"{target.description}: {_message(exc)}") from None
 
@@ -390,7 +407,10 @@ class PostgresCatalog:
             if guard is not None and guard.fired:
                 why = f"no answer within {seconds:g} s (server hung?); connection dropped"
             else:
-                why = _message(exc)
+                # a missing privilege is refused until a person grants it
+                raise catalog_error(
+                    f"{self.target.description}: {what}: {_message(exc)}", exc
+                ) from None
         raise CatalogUnavailable(f"{self.target.description}: {what}: {why}")
 
     def _event_sql(self) -> sql.Composed:
@@ -562,7 +582,10 @@ class PostgresCatalog:
             "updated_at = %(at)s, source_filepath = %(src)s, error = null, "
             "attempts = attempts + 1 where sha1_hash = %(sha1)s"
         ).format(t=self.t)
-        reason = f"took over a stale claim of {seen[1]}"
+        # a released or failed row has no holder: it is simply taken again
+        reason = (
+            f"took over a stale claim of {seen[1]}" if seen[1] else f"claimed again ({seen[0]})"
+        )
         event = self._event_params(sha1, facts.source_filepath, State.CLAIMED, reason, owner, now)
 
         def take(c: Conn) -> bool:

@@ -28,7 +28,7 @@ from rawtransfer.catalog.base import (
     utcnow,
 )
 from rawtransfer.config import IDENTIFIER_RE
-from rawtransfer.errors import CatalogUnavailable, ConfigError
+from rawtransfer.errors import CatalogUnavailable, ConfigError, catalog_error
 
 # Another process on this host (a backfill run beside the service) may hold the write
 # lock for a moment; half a minute is far longer than any statement here takes.
@@ -73,7 +73,7 @@ class SqliteCatalog:
             self._db.execute(f"pragma busy_timeout={BUSY_TIMEOUT_MS}")
             self._create()
         except (sqlite3.Error, OSError) as exc:
-            raise CatalogUnavailable(f"SQLite catalog {path}: {exc}") from None
+            raise catalog_error(f"SQLite catalog {path}: {exc}", exc) from None
 
     def _create(self) -> None:
         meta = "".join(f", {_ident(c)}" for c in self.metadata_columns)
@@ -117,7 +117,8 @@ class SqliteCatalog:
         try:
             return self._db.execute(sql, params)
         except sqlite3.OperationalError as exc:
-            raise CatalogUnavailable(f"SQLite catalog {self.path}: {exc}") from None
+            # locked: passes; a read-only database or directory: refused until fixed
+            raise catalog_error(f"SQLite catalog {self.path}: {exc}", exc) from None
 
     def check(self) -> None:
         with self._lock:
@@ -258,7 +259,12 @@ class SqliteCatalog:
             )
             if cur.rowcount != 1:
                 return ClaimResult(ClaimOutcome.BUSY, source_filepath=src)
-            reason = f"took over a stale claim of {claimed_by}"
+            # a released or failed row has no holder: it is simply taken again
+            reason = (
+                f"took over a stale claim of {claimed_by}"
+                if claimed_by
+                else f"claimed again ({state})"
+            )
             self._event(sha1, facts.source_filepath, State.CLAIMED, reason, owner, now)
             return ClaimResult(ClaimOutcome.CLAIMED, taken_over_from=claimed_by)
 

@@ -108,7 +108,9 @@ def sweep_leftovers(
     except ResourceUnavailable as exc:
         log.warning("temporary files not swept: %s", exc)
         return 0
-    log.info(
+    # a periodic sweep that finds nothing says so only in debug logs
+    log.log(
+        logging.INFO if n else logging.DEBUG,
         "removed %d temporary file%s older than %.0f s left at the destination by "
         "interrupted copies (looked for in %.1f s)",
         n,

@@ -37,8 +37,10 @@ from rawtransfer.destination.base import (
 from rawtransfer.errors import (
     DestinationConflict,
     DestinationLink,
+    DestinationRefused,
     DestinationUnavailable,
     Interrupted,
+    destination_error,
 )
 from rawtransfer.names import q
 
@@ -70,7 +72,7 @@ class LocalDestination:
         if not self.root.is_dir():
             raise DestinationUnavailable(f"{q(self.root)} is not an existing directory")
         if not os.access(self.root, os.W_OK | os.X_OK):
-            raise DestinationUnavailable(f"{q(self.root)} is not writable")
+            raise DestinationRefused(f"{q(self.root)} is not writable")
 
     def full_path(self, rel: PurePosixPath) -> str:
         return str(self.root / rel)
@@ -137,7 +139,7 @@ class LocalDestination:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise DestinationUnavailable(f"reading {q(path)}: {exc.strerror or exc}") from None
+            raise destination_error(f"reading {q(path)}: {exc.strerror or exc}", exc) from None
 
     def _existing(self, dirfd: int, name: str, target: Path, sha1: str) -> Published:
         st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
@@ -198,7 +200,8 @@ class LocalDestination:
                 raise DestinationUnavailable(
                     full_message(what, exc, _free_bytes(self.root))
                 ) from None
-            raise DestinationUnavailable(f"{what}: {exc.strerror or exc}") from None
+            # EACCES, EROFS: refused until a person acts; the rest passes by itself
+            raise destination_error(f"{what}: {exc.strerror or exc}", exc) from None
 
     def _copy(self, src: Path, dirfd: int, tmp: str, stop: threading.Event) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -231,8 +234,8 @@ class LocalDestination:
         except FileNotFoundError:
             return 0
         except OSError as exc:
-            raise DestinationUnavailable(
-                f"cleaning {q(self.root / rel.parent)}: {exc.strerror or exc}"
+            raise destination_error(
+                f"cleaning {q(self.root / rel.parent)}: {exc.strerror or exc}", exc
             ) from None
         return removed
 
@@ -247,8 +250,8 @@ class LocalDestination:
                 since = None if changed_within is None else now - changed_within
                 return self._sweep(rootfd, self.root, 0, now - older_than, since)
         except OSError as exc:
-            raise DestinationUnavailable(
-                f"sweeping {q(self.root)}: {exc.strerror or exc}"
+            raise destination_error(
+                f"sweeping {q(self.root)}: {exc.strerror or exc}", exc
             ) from None
 
     def _now(self, dirfd: int) -> float:

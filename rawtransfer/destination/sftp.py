@@ -100,9 +100,11 @@ from rawtransfer.destination.ssh_target import (
 from rawtransfer.errors import (
     DestinationConflict,
     DestinationLink,
+    DestinationRefused,
     DestinationUnavailable,
     FileFailed,
     Interrupted,
+    destination_error,
 )
 from rawtransfer.names import q
 
@@ -512,12 +514,12 @@ class SftpDestination:
             try:
                 conn, fresh = self._connection()
             except HostKeyRefused as exc:
-                raise DestinationUnavailable(unknown_host_key_message(self.target, exc)) from None
+                raise DestinationRefused(unknown_host_key_message(self.target, exc)) from None
             except paramiko.BadHostKeyException as exc:
-                raise DestinationUnavailable(changed_host_key_message(self.target, exc)) from None
+                raise DestinationRefused(changed_host_key_message(self.target, exc)) from None
             except paramiko.AuthenticationException as exc:
                 t = self.target
-                raise DestinationUnavailable(
+                raise DestinationRefused(
                     f"authentication as {t.user} on {t.hostname}:{t.port} failed ({exc}); "
                     f"keys tried: {', '.join(t.identities) or 'agent and ~/.ssh defaults'}"
                 ) from None
@@ -550,7 +552,8 @@ class SftpDestination:
                 if lost and not fresh and attempt == 1:
                     log.info("connection to %s lost (%s); reconnecting", self.where, exc)
                     continue
-                raise DestinationUnavailable(f"{what}: {_describe(exc, what)}") from None
+                # a permission denied by the server is refused until a person acts
+                raise destination_error(f"{what}: {_describe(exc, what)}", exc) from None
         raise AssertionError("unreachable")
 
     # operations -------------------------------------------------------------------------
@@ -567,7 +570,7 @@ class SftpDestination:
         try:
             conn.close_handle(conn.open(probe, SFTP_FLAG_WRITE | SFTP_FLAG_CREATE), probe)
         except RemoteError as exc:
-            raise DestinationUnavailable(f"{self.where} is not writable: {exc}") from None
+            raise destination_error(f"{self.where} is not writable: {exc}", exc) from None
         conn.remove(probe)
 
     def _dirs(self, rel: PurePosixPath) -> list[bytes]:
