@@ -30,8 +30,11 @@ class Notifier:
         addr = self.address
         if addr.startswith("@"):
             addr = "\0" + addr[1:]
+        # one field per line: a value with a newline (a file name) would forge a field
+        clean = [f.replace("\n", " ") for f in fields]
         try:
-            self._sock.sendto("\n".join(fields).encode(), addr)
+            # never block the main loop on a socket nobody reads (not under systemd)
+            self._sock.sendto("\n".join(clean).encode(), socket.MSG_DONTWAIT, addr)
             return True
         except OSError as exc:  # systemd gone or socket full: never fatal
             log.debug("sd_notify failed: %s", exc)

@@ -219,7 +219,7 @@ class Backlog:
             pending, inflight = self.queue.depth()
             self.alerter.alert(
                 "backlog",
-                f"{path.name} has waited {age / 60:.0f} min; "
+                f"{q(path.name)} has waited {age / 60:.0f} min; "
                 f"{pending} queued, {inflight} in flight",
             )
         elif not late and self.alerted:

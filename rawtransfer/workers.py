@@ -62,7 +62,7 @@ class Stats:
             if outcome.result == Result.DONE:
                 self.raw_bytes += outcome.raw_size
                 self.packed_bytes += outcome.packed_size
-                self.last_done = outcome.path.name
+                self.last_done = q(outcome.path.name)
             if outcome.result in (Result.FAILED, Result.QUARANTINED):
                 self.failures.append((outcome.path, outcome.result.value, outcome.reason))
 
