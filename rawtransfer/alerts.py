@@ -35,6 +35,11 @@ WEBHOOK_TIMEOUT = 5
 MAX_BACKLOG = 1000
 # How many example lines a grouped message quotes.
 EXAMPLES = 5
+# slack_sdk logs the request URL (the secret) when it retries a failed delivery, at INFO
+# whatever level is asked for; its logger is silenced, and _send logs failures redacted.
+_SDK_LOG = logging.getLogger("rawtransfer.alerts.slack_sdk")
+_SDK_LOG.setLevel(logging.CRITICAL + 1)
+_SDK_LOG.propagate = False
 
 
 class Alerter(Protocol):
@@ -93,6 +98,7 @@ class SlackAlerter:
         self._client = WebhookClient(
             url,
             timeout=timeout,
+            logger=_SDK_LOG,
             retry_handlers=[
                 ConnectionErrorRetryHandler(max_retry_count=2),
                 RateLimitErrorRetryHandler(max_retry_count=2),

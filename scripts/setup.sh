@@ -14,6 +14,10 @@ command -v fitsverify >/dev/null 2>&1 || need+=(fitsverify)
 if [ "${RAWTRANSFER_SETUP_SERVERS:-1}" = 1 ]; then
   [ -x /usr/sbin/sshd ] || need+=(openssh-server)
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+  # the deployment tests check the unit files with systemd-analyze (no running systemd)
+  command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+  # the fault suite moves the service's clock around the backfill windows
+  command -v faketime >/dev/null 2>&1 || need+=(faketime)
 fi
 PY="${PYTHON:-python3}"
 if ! command -v "$PY" >/dev/null 2>&1; then need+=(python3 python3-venv); PY=python3; fi

@@ -22,6 +22,9 @@ from astropy.utils.exceptions import AstropyUserWarning
 from rawtransfer.errors import FileIncomplete, FileRejected
 
 BLOCK = 2880
+# A writer on another host (a network filesystem) may stamp mtimes a little ahead of our
+# clock; such a file is waited for as usual. Further ahead than this, the clock moved.
+CLOCK_SLACK = 60.0
 
 
 class FileVanished(Exception):
@@ -129,6 +132,12 @@ def settle(
     st = lstat_regular(path)
     t = time.time() if now is None else now
     age = t - st.st_mtime
+    # An mtime far ahead of our clock was set before the clock was moved back (each write
+    # stamps the current time): the file has not been written since, and waiting for our
+    # clock to catch up would hold it for as long as the clock moved. The size check
+    # below and the snapshot's identity checks still guard it.
+    if age < -CLOCK_SLACK:
+        closed = True
     if not closed and age < patience:
         return Wait(patience - age)
     if st.st_size == 0:
