@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from rawtransfer import synth
+from rawtransfer.steps import settle
 from tests.conftest import Tree
 from tests.helpers import run_rt, sqlite_rows, start_watcher, wait_for
 from tests.oracle import oracle
@@ -209,7 +210,8 @@ def test_clock_moved_around_the_backfill_window(tree: Tree) -> None:
 
     def backfill(offset: str | None, hours: str) -> str:
         env = _clock(offset) if offset else None
-        args = ("--backfill-only", "--backfill-hours", hours, "--state-dir", tree.state)
+        args = ("--backfill-only", "--backfill-hours", hours, "--patience", "1")
+        args += ("--state-dir", str(tree.state))
         r = run_rt(tree.src, tree.dest, *args, env=env, timeout=60)
         assert r.returncode == 0, r.stdout + r.stderr
         return r.stdout
@@ -242,3 +244,22 @@ def test_clock_moved_around_the_backfill_window(tree: Tree) -> None:
     )
     assert set(copies.values()) == {1} and len(copies) == 5, copies
     _oracle(tree)
+
+
+def test_settle_watches_a_file_whose_mtime_is_far_ahead_of_the_clock(tmp_path: Path) -> None:
+    f = synth.write_frame(tmp_path / "a.fits", (16, 16))
+    ahead = time.time() + 3600  # written before the clock was set back an hour
+    os.utime(f, (ahead, ahead))
+    first = settle.settle(f, 0.5)
+    assert isinstance(first, settle.Wait) and first.seconds <= 0.5, first  # not an hour
+    wait_for(lambda: isinstance(settle.settle(f, 0.5), settle.Ready), 10, "settled by watching")
+    # a change while it is watched starts the watch again
+    os.utime(f, (ahead + 1, ahead + 1))
+    assert isinstance(settle.settle(f, 0.5), settle.Wait)
+    os.utime(f, (ahead + 2, ahead + 2))
+    assert isinstance(settle.settle(f, 0.5), settle.Wait)
+    # a little ahead (a file server's clock a few seconds off): waited for, as before
+    near = time.time() + 20
+    os.utime(f, (near, near))
+    wait = settle.settle(f, 0.5)
+    assert isinstance(wait, settle.Wait) and wait.seconds > 19, wait

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import stat
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,33 @@ BLOCK = 2880
 # A writer on another host (a network filesystem) may stamp mtimes a little ahead of our
 # clock; such a file is waited for as usual. Further ahead than this, the clock moved.
 CLOCK_SLACK = 60.0
+
+
+# Files whose age the clock cannot tell (see settle): path -> (size, mtime_ns, first seen
+# on the monotonic clock). Bounded: a path that vanished is forgotten at the next clear.
+_ahead: dict[str, tuple[int, int, float]] = {}
+_ahead_lock = threading.Lock()
+MAX_WATCHED = 100_000
+
+
+def _watched(path: Path, st: os.stat_result, patience: float) -> float:
+    """Seconds still to wait before ``path`` counts as settled by watching it: two looks
+    at least ``patience`` apart (monotonic clock) that see the same size and mtime."""
+    if patience <= 0:
+        return 0.0
+    key, seen, now = str(path), (st.st_size, st.st_mtime_ns), time.monotonic()
+    with _ahead_lock:
+        first = _ahead.get(key)
+        if first is None or first[:2] != seen:
+            if len(_ahead) >= MAX_WATCHED:
+                _ahead.clear()
+            _ahead[key] = (*seen, now)
+            return patience
+        waited = now - first[2]
+        if waited < patience:
+            return patience - waited
+        del _ahead[key]
+        return 0.0
 
 
 class FileVanished(Exception):
@@ -132,11 +160,13 @@ def settle(
     st = lstat_regular(path)
     t = time.time() if now is None else now
     age = t - st.st_mtime
-    # An mtime far ahead of our clock was set before the clock was moved back (each write
-    # stamps the current time): the file has not been written since, and waiting for our
-    # clock to catch up would hold it for as long as the clock moved. The size check
-    # below and the snapshot's identity checks still guard it.
-    if age < -CLOCK_SLACK:
+    # An mtime far ahead of our clock (the clock was set back, or the file server's runs
+    # ahead) says nothing about the file's age, and waiting for our clock to catch up
+    # would hold it for as long as the clock is off: its stability is watched instead.
+    if not closed and age < -CLOCK_SLACK:
+        wait = _watched(path, st, patience)
+        if wait > 0:
+            return Wait(wait)
         closed = True
     if not closed and age < patience:
         return Wait(patience - age)
