@@ -308,6 +308,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="This host's name in catalog claims (default the host name).",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=S,
+        metavar="N",
+        help="Serve Prometheus metrics at http://127.0.0.1:N/metrics (default off).",
+    )
+    p.add_argument(
+        "--metrics-textfile",
+        default=S,
+        metavar="PATH",
+        help="Write Prometheus metrics to PATH (*.prom, for node-exporter's textfile "
+        "collector), replaced atomically every few seconds (default off).",
+    )
     return p
 
 

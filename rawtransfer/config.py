@@ -104,6 +104,9 @@ class Settings:
     max_frame_bytes: int = 1 << 30
     polling: bool = False
     logfile: Path | None = None
+    # Prometheus figures (metrics.py): served on 127.0.0.1, or a node-exporter textfile
+    metrics_port: int | None = None
+    metrics_textfile: Path | None = None
     slack_webhook_url: str | None = field(default=None, repr=False)
     verbose: bool = False
     backfill_only: bool = False
@@ -206,6 +209,23 @@ def validate(s: Settings) -> None:
         raise ConfigError(f"--max-frame-bytes {s.max_frame_bytes} is smaller than one FITS block")
     if not (0 < s.db_port < 65536):
         raise ConfigError(f"--db-port {s.db_port} is not a TCP port")
+    validate_metrics(s.metrics_port, s.metrics_textfile)
+
+
+def validate_metrics(port: object, textfile: Path | None) -> None:
+    if port is not None and (
+        isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536
+    ):
+        raise ConfigError(f"--metrics-port {port!r} is not a TCP port (1 to 65535)")
+    if textfile is not None:
+        # node-exporter's textfile collector reads only *.prom: any other name would be
+        # written faithfully and never read
+        if textfile.suffix != ".prom":
+            raise ConfigError(f"--metrics-textfile {textfile}: the name must end in .prom")
+        if not textfile.parent.is_dir():
+            raise ConfigError(f"--metrics-textfile {textfile}: no directory {textfile.parent}")
+        if textfile.is_dir():
+            raise ConfigError(f"--metrics-textfile {textfile} is a directory")
 
 
 def load_toml(path: Path) -> dict[str, Any]:
@@ -282,6 +302,8 @@ def build(values: dict[str, Any]) -> Settings:
             v[name] = Path(str(v[name])).expanduser()
     if not v.get("slack_webhook_url"):
         v["slack_webhook_url"] = secret_from_env("RAWTRANSFER_SLACK_WEBHOOK_URL")
+    if v.get("metrics_textfile") is not None:
+        v["metrics_textfile"] = Path(str(v["metrics_textfile"])).expanduser()
     try:
         settings = Settings(**{k: val for k, val in v.items() if val is not None})
     except TypeError as exc:

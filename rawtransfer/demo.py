@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import sqlite3
 import subprocess
@@ -18,6 +19,17 @@ import time
 from pathlib import Path
 
 from rawtransfer import synth
+
+
+def _command() -> str:
+    """How to run raw-transfer from here: the venv's script, relative when it can be."""
+    exe = Path(sys.executable).parent / "raw-transfer"
+    if not exe.exists():
+        return "raw-transfer"
+    try:
+        return str(exe.relative_to(Path.cwd()))
+    except ValueError:
+        return str(exe)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         "--metadata-regex",
         r"t(?P<tel>\d)_r(?P<run>\d+)_ut(?P<ut>\d)\.fits",
     ]
-    print("$ raw-transfer " + " ".join(cmd[3:]) + "\n", flush=True)
+    # quoted for a shell: the regex has parentheses, the glob must reach us unexpanded
+    rt = _command()
+    print("$ " + shlex.join([rt, *cmd[3:]]) + "\n", flush=True)
     rc = subprocess.run(cmd, check=False).returncode
     print(f"\nexit code {rc} (1: some file was quarantined - the corrupted one)\n")
     print("archive:")
@@ -69,9 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         "select state, tel, run, ut, coalesce(filepath, error) from rawtransfer order by 3"
     ):
         print("  " + " | ".join("" if v is None else str(v) for v in row))
+    flags = ["--state-dir", str(state)]
     print(
-        f"\nwhere to look: the archive {archive}, the catalog {state / 'catalog.sqlite3'}"
-        f" (sqlite3), the originals (untouched) {src}"
+        f"\nwhere to look: the archive {archive}, the originals (untouched) {src}, and the "
+        f"catalog {state / 'catalog.sqlite3'}, through raw-transfer itself:\n"
+        f"  $ {shlex.join([rt, 'status', str(src), str(archive), *flags])}\n"
+        f"  $ {shlex.join([rt, 'why', 't9_r99999_ut9.fits', *flags])}"
     )
     packed = list(archive.rglob("*.fits.fz"))
     ok = rc == 1 and len(packed) == len(frames)

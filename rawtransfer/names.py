@@ -34,3 +34,9 @@ def cut(text: str, limit: int = 2 * MAX_SHOWN) -> str:
     if not text.isprintable():
         text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
     return _shorten(text, limit)
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 file``, ``2 files``, ``0 files``; ``many`` for a word that does not take an s
+    (``plural(n, "directory", "directories")``)."""
+    return f"{n} {word if n == 1 else many or word + 's'}"

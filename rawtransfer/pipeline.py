@@ -41,7 +41,8 @@ from rawtransfer.errors import (
     SourceUnreadable,
     VerifyError,
 )
-from rawtransfer.names import cut, q
+from rawtransfer.metrics import Recorder
+from rawtransfer.names import cut, plural, q
 from rawtransfer.spool import Spool, is_full
 from rawtransfer.steps import check, hashing, metadata, pack, place, settle
 from rawtransfer.steps.snapshot import Identity, Snapshot, current_identity
@@ -93,6 +94,7 @@ class Context:
     stop: threading.Event
     owner: Owner = field(default_factory=Owner)
     burst: bool = False
+    metrics: Recorder = field(default_factory=Recorder)
     _inflight: set[str] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -256,7 +258,8 @@ def _process(a: Attempt, ctx: Context, closed: bool) -> Outcome:
     faults.hit("after-settle", path)
 
     # check and place, from the snapshot: a file that cannot be placed is not worth packing
-    checked = check.check(snap.view, max_bytes=s.max_frame_bytes)
+    with ctx.metrics.step("check"):
+        checked = check.check(snap.view, max_bytes=s.max_frame_bytes)
     day = place.header_date(checked.headers, s.header_card)
     rel = place.remote_relpath(day, path.name)
     faults.hit("after-check", path)
@@ -264,16 +267,17 @@ def _process(a: Attempt, ctx: Context, closed: bool) -> Outcome:
     a.raw_sha1 = raw_sha1 = hashing.sha1_file(snap.view)
     spool = ctx.spool.path
     try:
-        if checked.packed:
-            # already a .fz (check() decompressed every HDU): upload a private copy
-            packed = pack.copy_to_spool(snap.view, spool)
-        else:
-            packed = pack.pack(
-                snap.view,
-                spool,
-                float_images=checked.float_images,
-                between=lambda: faults.hit("during-pack", path),
-            )
+        with ctx.metrics.step("pack"):
+            if checked.packed:
+                # already a .fz (check() decompressed every HDU): upload a private copy
+                packed = pack.copy_to_spool(snap.view, spool)
+            else:
+                packed = pack.pack(
+                    snap.view,
+                    spool,
+                    float_images=checked.float_images,
+                    between=lambda: faults.hit("during-pack", path),
+                )
     except OSError as exc:
         if is_full(exc):
             raise ctx.spool.full(snap.size, exc) from None
@@ -328,15 +332,19 @@ def _transfer(
             # the copy of the previous holder (killed mid-copy) left its temporary file;
             # the claim is ours now, so nobody else writes to it
             if n := ctx.destination.discard_temporaries(rel):
-                log.info("%s: removed %d temporary file(s) of an abandoned copy", q(path), n)
+                log.info(
+                    "%s: removed %s of an abandoned copy", q(path), plural(n, "temporary file")
+                )
         try:
             faults.hit("after-claim", path)
             if (changed := _changed(a, "after the claim")) is not None:
                 _release_quietly(ctx, sha1, changed.reason)
                 return changed
-            ctx.destination.publish(packed, rel, sha1, ctx.stop)
+            with ctx.metrics.step("copy"):
+                ctx.destination.publish(packed, rel, sha1, ctx.stop)
             faults.hit("after-publish", path)
-            remote = ctx.destination.sha1(rel)
+            with ctx.metrics.step("verify"):
+                remote = ctx.destination.sha1(rel)
             if remote != sha1:
                 raise VerifyError(
                     f"{q(ctx.destination.full_path(rel))}: SHA1 at the destination is "

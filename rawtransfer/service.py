@@ -25,8 +25,10 @@ from rawtransfer.config import LocalDest, Settings
 from rawtransfer.destination.base import Destination, sweep_leftovers
 from rawtransfer.destination.local import LocalDestination
 from rawtransfer.errors import EXIT_FILES_FAILED, EXIT_OK, ConfigError
-from rawtransfer.names import q
+from rawtransfer.metrics import Recorder, start_metrics
+from rawtransfer.names import plural, q
 from rawtransfer.pipeline import MIN_LEASE_SECONDS, Context, Outcome, Result
+from rawtransfer.progress import Progress
 from rawtransfer.queue import WorkQueue
 from rawtransfer.sdnotify import Notifier, watchdog_interval
 from rawtransfer.source import Change, SourceHealth
@@ -130,6 +132,7 @@ class Service:
         self.queue = WorkQueue()
         self.stats = Stats()
         self.notifier = Notifier()
+        self.metrics: Recorder = Recorder()  # start_metrics() once the checks pass
 
     # signals ---------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -183,6 +186,7 @@ class Service:
             # a spool directory of our own: another process on the same state directory
             # keeps its files, and only dead processes' leftovers are removed
             spool = Spool(s.state_dir / "spool", f"{s.host_id}-{os.getpid()}")
+            self.metrics = start_metrics(s, self.queue)
             ctx = Context(
                 settings=s,
                 catalog=catalog,
@@ -191,12 +195,14 @@ class Service:
                 stop=self.abort,
                 owner=Owner(host=s.host_id),
                 burst=s.backfill_only,
+                metrics=self.metrics,
             )
             self.install_signals()
             if s.backfill_only:
                 return self._burst(ctx, out)
             return self._watch(ctx)
         finally:
+            self.metrics.close()  # a textfile gets the final figures
             if spool is not None:
                 spool.close()
             catalog.close()
@@ -230,20 +236,23 @@ class Service:
         s = self.s
         with unreadable_dirs() as unreadable:
             n = self._scan(ctx)
-        log.info("backfill: %d files to look at under %s", n, q(s.source_dir))
+        log.info("backfill: %s to look at under %s", plural(n, "file"), q(s.source_dir))
         if unreadable:
             log.error(
-                "%d unreadable directories under %s: their files were not looked at",
-                len(unreadable),
+                "%s under %s: their files were not looked at",
+                plural(len(unreadable), "unreadable directory", "unreadable directories"),
                 q(s.source_dir),
             )
         self.queue.close()
         pool = Pool(ctx, self.queue, s.workers, self.stats, stop=self.stop)
+        progress = Progress(n, self.stats)  # a bar on a terminal, else a line now and then
         pool.start()
         while not pool.join(timeout=0.5):
+            progress.tick()
             if self.stop.is_set():
                 self._drain(pool)
                 break
+        progress.close()
         self._summary(out, ctx, unreadable)
         if self.signum is not None:
             return 128 + self.signum
@@ -300,6 +309,9 @@ class Service:
                 )
 
         source = SourceHealth(s.source_dir, alerter, s.alert_after)
+        self.metrics.resources(
+            lambda: [*canary.down_since, *(() if source.healthy else ("source",))]
+        )
         watcher = Watcher(s.source_dir, self.queue, matcher, s.polling)
         watcher.arm()
         overflow = OverflowWatch(rescan.poke)
@@ -388,11 +400,16 @@ class Service:
         total = sum(c.values())
         rate = total / elapsed if elapsed > 0 else 0.0
         print(
-            f"raw-transfer: {total} files in {elapsed:.1f} s ({rate:.1f} files/s): "
-            f"{c['done']} done, {c['already done']} already done, {c['duplicate']} duplicates, "
+            f"raw-transfer: {plural(total, 'file')} in {elapsed:.1f} s ({rate:.1f} files/s): "
+            f"{c['done']} done, {c['already done']} already done, "
+            f"{plural(c['duplicate'], 'duplicate')}, "
             f"{c['quarantined']} quarantined, {c['failed'] + c['not done']} failed, "
             f"{c['skipped']} skipped"
-            + (f", {len(unreadable)} unreadable directories" if unreadable else ""),
+            + (
+                f", {plural(len(unreadable), 'unreadable directory', 'unreadable directories')}"
+                if unreadable
+                else ""
+            ),
             file=out,
         )
         if st.raw_bytes:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from rawtransfer.destination.base import TMP_SUFFIX
 from rawtransfer.errors import SpoolUnavailable
+from rawtransfer.names import plural
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,9 @@ class Spool:
                     pass
         if removed:
             log.info(
-                "removed %d stale temporary files of dead processes from %s", removed, self.base
+                "removed %s of dead processes from %s",
+                plural(removed, "stale temporary file"),
+                self.base,
             )
         return removed
 

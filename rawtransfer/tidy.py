@@ -25,7 +25,7 @@ from rawtransfer.errors import (
     FileFailed,
     FileRejected,
 )
-from rawtransfer.names import q
+from rawtransfer.names import plural, q
 from rawtransfer.steps import check, hashing, pack, place
 from rawtransfer.steps.settle import FileVanished, NotRegular
 from rawtransfer.steps.snapshot import Snapshot, current_identity
@@ -143,5 +143,9 @@ class Tidy:
             except OSError as exc:  # one file's trouble must not end the pass
                 log.error("not tidying %s: %s", q(path), exc)
         if n:
-            log.info("tidy: replaced %d originals by their packed versions", n)
+            log.info(
+                "tidy: replaced %s by %s",
+                plural(n, "original"),
+                "its packed version" if n == 1 else "their packed versions",
+            )
         return n

@@ -17,7 +17,7 @@ from rawtransfer.alerts import Alerter
 from rawtransfer.catalog.base import Catalog, Handled, Owner, State, utc_from_epoch
 from rawtransfer.destination.base import Destination
 from rawtransfer.errors import Kind, ResourceUnavailable
-from rawtransfer.names import q
+from rawtransfer.names import plural, q
 from rawtransfer.queue import WorkQueue
 from rawtransfer.steps.settle import CLOCK_SLACK
 from rawtransfer.steps.snapshot import current_identity
@@ -179,7 +179,7 @@ class Backfill:
             if self.queue.put(path):
                 n += 1
         if n:
-            log.info("backfill: queued %d files that had been missed", n)
+            log.info("backfill: queued %s that had been missed", plural(n, "file"))
         return n
 
     def _conflicts_gone(self, since: float, handled: dict[str, Handled]) -> list[str]:

@@ -129,6 +129,7 @@ class Pool:
                 else:
                     log.exception("%s: internal error; the file is left as it is", q(item.path))
                     self.stats.given_up(item.path, f"internal error: {type(exc).__name__}: {exc}")
+                    self.ctx.metrics.given_up()
             finally:
                 self.queue.done(item)
 
@@ -142,6 +143,7 @@ class Pool:
         if retry and self.ctx.burst and item.attempt + 1 >= BURST_MAX_ATTEMPTS:
             log.error("giving up on %s after %d attempts: %s", name, item.attempt + 1, reason)
             self.stats.given_up(item.path, reason)
+            self.ctx.metrics.given_up()
             return
         delay = max(delay, backoff(item.attempt, cap=BACKOFF_CAP if retry else BUSY_CAP))
         verb = "retrying" if retry else "deferring"
@@ -152,6 +154,7 @@ class Pool:
         started = time.monotonic()
         outcome = process_one(item.path, self.ctx, closed=item.closed)
         elapsed = time.monotonic() - started
+        self.ctx.metrics.outcome(outcome)
         r = outcome.result
         name = q(item.path)
         if r == Result.DONE:

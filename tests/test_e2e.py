@@ -131,7 +131,7 @@ def test_backfill_only_moves_good_files_and_quarantines_bad(tree: Tree, tmp_path
     # the duplicate is recorded, not sent again
     ev = [e for e in _events(tree) if e["source_filepath"] == str(dup)]
     assert [e["state"] for e in ev] == ["duplicate"]
-    assert "1 duplicates" in r.stdout
+    assert "1 duplicate," in r.stdout
     assert "link.fits" in r.stderr and "not a regular file" in r.stderr
     # no shell ever saw a name
     assert not (Path.cwd() / "pwned").exists()

@@ -18,7 +18,7 @@ from typing import Any
 
 from rawtransfer.catalog.base import Catalog, Owner, State
 from rawtransfer.errors import EXIT_FILES_FAILED, EXIT_OK
-from rawtransfer.names import q
+from rawtransfer.names import plural, q
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -73,5 +73,5 @@ def retry(catalog: Catalog, files: list[str], all_failed: bool, out: Any = sys.s
     if not files and not all_failed:
         print("nothing to do: name files, or give --all-failed", file=out)
         return EXIT_FILES_FAILED
-    print(f"raw-transfer retry: {asked} files to be taken again", file=out)
+    print(f"raw-transfer retry: {plural(asked, 'file')} to be taken again", file=out)
     return EXIT_OK if not refused else EXIT_FILES_FAILED
