@@ -24,14 +24,14 @@ from rawtransfer.errors import EXIT_USAGE, RawTransferError
 
 log = logging.getLogger("rawtransfer")
 
-SUBCOMMANDS = ("status", "audit", "why", "db", "retry")
+SUBCOMMANDS = ("status", "audit", "why", "db", "retry", "reap")
 
 HELP_EPILOG = """\
 Every flag may also be set in the TOML file given with --config, using the flag's name
 (dashes or underscores); flags override the file. Secrets come from the environment:
 RAWTRANSFER_SLACK_WEBHOOK_URL (or RAWTRANSFER_SLACK_WEBHOOK_URL_FILE), and the database
 password from ~/.pgpass or PGPASSWORD. A source directory named like a subcommand
-(status, audit, why, db, retry) is given as ./status.
+(status, audit, why, db, retry, reap) is given as ./status.
 
 exit codes: 0 all done; 1 some files failed or were quarantined; 2 usage or configuration
 error; 3 destination or catalog unreachable at start; 128+N on signal N.
@@ -105,7 +105,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(add_help: bool = True, positionals: bool = True) -> argparse.ArgumentParser:
+    """The service's parser; with ``add_help=False``, a parent for the subcommands that
+    take the service's own arguments (so that the unit's command line can be pasted);
+    ``positionals=False`` leaves SOURCE_DIR and DEST out (``why`` takes a FILE instead)."""
     S = argparse.SUPPRESS
     p = _Parser(
         prog="raw-transfer",
@@ -114,22 +117,25 @@ def build_parser() -> argparse.ArgumentParser:
         "atomically and verified at the destination.",
         epilog=HELP_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=add_help,
     )
-    p.add_argument(
-        "source_dir",
-        nargs="?",
-        default=S,
-        metavar="SOURCE_DIR",
-        help="The directory watched, recursively.",
-    )
-    p.add_argument(
-        "dest",
-        nargs="?",
-        default=S,
-        metavar="DEST",
-        help="user@host:/path, host:/path (an ssh alias) or a local /path.",
-    )
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    if positionals:
+        p.add_argument(
+            "source_dir",
+            nargs="?",
+            default=S,
+            metavar="SOURCE_DIR",
+            help="The directory watched, recursively.",
+        )
+        p.add_argument(
+            "dest",
+            nargs="?",
+            default=S,
+            metavar="DEST",
+            help="user@host:/path, host:/path (an ssh alias) or a local /path.",
+        )
+    if add_help:
+        p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _add_common(p)
     p.add_argument(
         "--patterns",
@@ -158,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--ssh-controlmaster",
         action="store_true",
         default=S,
-        help="Reuse SSH connections: one persistent connection per worker, rebuilt when "
-        "lost (without it, each file opens its own connection, as upstream scp did).",
+        help="Accepted for upstream's unit files: SSH connections are always kept, one per "
+        "worker, rebuilt when lost.",
     )
     p.add_argument(
         "--known-hosts",
@@ -239,6 +245,42 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=S,
         help="Never replace or delete local originals.",
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=S,
+        metavar="PATTERN",
+        help="rsync-style rule on paths relative to SOURCE_DIR (globs, '**', a trailing / for "
+        "directories); excluded files are never taken. Repeatable.",
+    )
+    p.add_argument(
+        "--exclude-from",
+        default=S,
+        metavar="FILE",
+        help="Exclude rules, one per line ('#' starts a comment).",
+    )
+    p.add_argument(
+        "--reap-after",
+        type=float,
+        default=S,
+        metavar="HOURS",
+        help="Delete local files (the .fz left by tidying, or originals with --keep-source) "
+        "whose copy is done and verified, once older than HOURS.",
+    )
+    p.add_argument(
+        "--reap-when-disk-above",
+        type=float,
+        default=S,
+        metavar="PERCENT",
+        help="When the source disk is fuller than PERCENT, delete such files oldest first "
+        "until it is not (still only verified ones).",
+    )
+    p.add_argument(
+        "--reap-verify-remote",
+        action="store_true",
+        default=S,
+        help="Check the archive copy's SHA1 again just before deleting a local file.",
     )
     p.add_argument(
         "--max-frame-bytes",

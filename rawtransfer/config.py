@@ -17,6 +17,7 @@ from typing import Any
 
 from rawtransfer.catalog.base import RESERVED_COLUMNS
 from rawtransfer.errors import ConfigError
+from rawtransfer.selection import read_rules
 
 # Table and column names are composed into SQL as identifiers; this is the only shape
 # accepted (PostgreSQL's unquoted identifiers, lower case, at most 63 characters).
@@ -94,6 +95,11 @@ class Settings:
     overwrite_unpacked_hours: float = 12.0
     overwrite_unpacked_recency_window: float = 7200.0
     keep_source: bool = False
+    exclude: tuple[str, ...] = ()
+    exclude_from: Path | None = None
+    reap_after: float | None = None
+    reap_when_disk_above: float | None = None
+    reap_verify_remote: bool = False
     alert_after: float = 300.0
     alert_interval: float = 300.0
     alert_backlog: float = 3600.0
@@ -129,6 +135,14 @@ class Settings:
     @property
     def dir_mode(self) -> int:
         return int(self.remote_dir_mode, 8)
+
+    @property
+    def exclude_files(self) -> tuple[Path, ...]:
+        return (self.exclude_from,) if self.exclude_from is not None else ()
+
+    @property
+    def reaps(self) -> bool:
+        return self.reap_after is not None or self.reap_when_disk_above is not None
 
     @property
     def uses_postgres(self) -> bool:
@@ -205,6 +219,18 @@ def validate(s: Settings) -> None:
         text = getattr(s, name)
         if not re.fullmatch(r"0?[0-7]{3}", text):
             raise ConfigError(f"--{name.replace('_', '-')} {text!r} is not an octal mode like 0640")
+    if s.reap_after is not None and (isinstance(s.reap_after, bool) or s.reap_after < 0):
+        raise ConfigError(f"--reap-after must be a number of hours >= 0, not {s.reap_after!r}")
+    if s.reap_when_disk_above is not None and not (
+        isinstance(s.reap_when_disk_above, int | float) and 0 < s.reap_when_disk_above < 100
+    ):
+        raise ConfigError(
+            f"--reap-when-disk-above must be a percentage between 0 and 100, "
+            f"not {s.reap_when_disk_above!r}"
+        )
+    if s.reap_verify_remote and s.reap_after is None and s.reap_when_disk_above is None:
+        raise ConfigError("--reap-verify-remote needs --reap-after or --reap-when-disk-above")
+    read_rules(s.exclude, s.exclude_files)  # a bad rule is refused at start, not later
     if s.max_frame_bytes < 2880:
         raise ConfigError(f"--max-frame-bytes {s.max_frame_bytes} is smaller than one FITS block")
     if not (0 < s.db_port < 65536):
@@ -295,9 +321,13 @@ def build(values: dict[str, Any]) -> Settings:
     v["dest"] = parse_dest(str(v["dest"]))
     if isinstance(v.get("patterns"), str):
         v["patterns"] = (v["patterns"],)
+    if isinstance(v.get("exclude"), str):
+        v["exclude"] = (v["exclude"],)
+    if "exclude" in v and v["exclude"] is not None:
+        v["exclude"] = tuple(str(p) for p in v["exclude"])
     if "patterns" in v:
         v["patterns"] = tuple(str(p) for p in v["patterns"])
-    for name in ("state_dir", "logfile", "known_hosts", "ssh_config"):
+    for name in ("state_dir", "logfile", "known_hosts", "ssh_config", "exclude_from"):
         if v.get(name) is not None:
             v[name] = Path(str(v[name])).expanduser()
     if not v.get("slack_webhook_url"):

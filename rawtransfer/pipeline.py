@@ -64,6 +64,7 @@ class Result(StrEnum):
     QUARANTINED = "quarantined"
     FAILED = "failed"
     SKIPPED = "skipped"  # not a regular file, or vanished: nothing to do
+    IGNORED = "ignored"  # never taken (empty, excluded): said once, at debug level
     WAIT = "wait"  # still being written: look again after ``delay``
     BUSY = "busy"  # the same content is in flight elsewhere: look again later
     RETRY = "retry"  # a resource is away: back on the queue
@@ -231,6 +232,14 @@ def _process(a: Attempt, ctx: Context, closed: bool) -> Outcome:
         # fails with that reason and a person is told.
         log.info("%s is not the file handled on %s; looking at it", q(path), handled.at)
 
+    # never taken, whatever the patterns: an empty file is not a frame (yet); when it is
+    # written, its events queue it again
+    try:
+        if path.lstat().st_size == 0:
+            return Outcome(Result.IGNORED, path, reason="empty (zero bytes)")
+    except FileNotFoundError:
+        return Outcome(Result.SKIPPED, path, reason="vanished before it could be read")
+
     # settle
     try:
         st = settle.settle(path, s.patience, closed=closed)
@@ -264,15 +273,14 @@ def _process(a: Attempt, ctx: Context, closed: bool) -> Outcome:
     rel = place.remote_relpath(day, path.name)
     faults.hit("after-check", path)
 
-    a.raw_sha1 = raw_sha1 = hashing.sha1_file(snap.view)
     spool = ctx.spool.path
     try:
         with ctx.metrics.step("pack"):
             if checked.packed:
                 # already a .fz (check() decompressed every HDU): upload a private copy
-                packed = pack.copy_to_spool(snap.view, spool)
+                result = pack.copy_to_spool(snap.view, spool)
             else:
-                packed = pack.pack(
+                result = pack.pack_hashed(
                     snap.view,
                     spool,
                     float_images=checked.float_images,
@@ -282,8 +290,10 @@ def _process(a: Attempt, ctx: Context, closed: bool) -> Outcome:
         if is_full(exc):
             raise ctx.spool.full(snap.size, exc) from None
         raise
+    # the hashes were taken as the bytes went through: one read of the raw file
+    packed, sha1 = result.path, result.sha1
+    a.raw_sha1 = raw_sha1 = result.raw_sha1
     try:
-        sha1 = hashing.sha1_file(packed)
         facts = _facts(
             path,
             raw_sha1,

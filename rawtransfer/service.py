@@ -15,7 +15,7 @@ import time
 from functools import partial
 from pathlib import Path
 from types import FrameType
-from typing import TextIO
+from typing import Any, TextIO
 
 from rawtransfer import log as logsetup
 from rawtransfer.alerts import Alerter, NullAlerter, SlackAlerter
@@ -25,14 +25,19 @@ from rawtransfer.config import LocalDest, Settings
 from rawtransfer.destination.base import Destination, sweep_leftovers
 from rawtransfer.destination.local import LocalDestination
 from rawtransfer.errors import EXIT_FILES_FAILED, EXIT_OK, ConfigError
+from rawtransfer.live import VERSION as LIVE_VERSION
+from rawtransfer.live import Publisher, catalog_label
 from rawtransfer.metrics import Recorder, start_metrics
 from rawtransfer.names import plural, q
 from rawtransfer.pipeline import MIN_LEASE_SECONDS, Context, Outcome, Result
 from rawtransfer.progress import Progress
 from rawtransfer.queue import WorkQueue
+from rawtransfer.reap import REAP_INTERVAL, Reaper
 from rawtransfer.sdnotify import Notifier, watchdog_interval
+from rawtransfer.selection import read_rules
 from rawtransfer.source import Change, SourceHealth
 from rawtransfer.spool import Spool
+from rawtransfer.steps.snapshot import recover_asides
 from rawtransfer.tidy import Tidy, tidy_one
 from rawtransfer.timers import Backfill, Backlog, Canary, Periodic
 from rawtransfer.watch import Matcher, OverflowWatch, Watcher, unreadable_dirs
@@ -72,6 +77,9 @@ WATCHER_ONLY = (
     "alert_after",
     "alert_interval",
     "alert_backlog",
+    "reap_after",  # a one-off run leaves reaping to `raw-transfer reap`
+    "reap_when_disk_above",
+    "reap_verify_remote",
 )
 
 
@@ -93,10 +101,17 @@ def make_destination(s: Settings) -> Destination:
         copy_timeout=s.copy_timeout,
         known_hosts=s.known_hosts,
         ssh_config=s.ssh_config,
-        persistent=s.ssh_controlmaster,
+        # a connection per file costs a handshake per frame (60 ms against 26 ms per
+        # small frame, measured): connections are always kept, one per worker
+        persistent=True,
         file_mode=s.file_mode,
         dir_mode=s.dir_mode,
     )
+
+
+def make_matcher(s: Settings) -> Matcher:
+    """The patterns with the --exclude rules (read once, at start)."""
+    return Matcher(s.patterns, read_rules(s.exclude, s.exclude_files))
 
 
 def make_alerter(s: Settings) -> Alerter:
@@ -160,6 +175,11 @@ class Service:
             for name, why in LOCAL_ONLY_NOTE.items():
                 if name in self.explicit:
                     log.warning("--%s has no effect here: %s", name.replace("_", "-"), why)
+        elif "ssh_controlmaster" in self.explicit:
+            log.info(
+                "--ssh-controlmaster: SSH connections are kept (one per worker, rebuilt when "
+                "lost) whether it is given or not; it is accepted for upstream's unit files"
+            )
         idle = [n for n in WATCHER_ONLY if n in self.explicit] if s.backfill_only else []
         if idle:
             log.warning(
@@ -179,6 +199,8 @@ class Service:
             destination.close()
             raise
         # nothing is written anywhere before the checks above have passed
+        # a removal (tidy, reap) killed halfway left a file renamed aside: put it back
+        recover_asides(s.source_dir)
         catalog = make_catalog(s)
         spool: Spool | None = None
         try:
@@ -213,7 +235,7 @@ class Service:
         """Queue every matching file of the last --backfill-hours not yet handled."""
         return Backfill(
             self.s.source_dir,
-            Matcher(self.s.patterns),
+            make_matcher(self.s),
             ctx.catalog,
             self.queue,
             self.s.backfill_hours,
@@ -260,7 +282,7 @@ class Service:
 
     def _watch(self, ctx: Context) -> int:
         s = self.s
-        matcher = Matcher(s.patterns)
+        matcher = make_matcher(s)
         alerter = make_alerter(s)
         canary = Canary(ctx.destination, ctx.catalog, self.queue, alerter, s.alert_after)
         canary.checks["spool"] = ctx.spool.check
@@ -330,6 +352,9 @@ class Service:
             run_first=False,
         )
         threads = [canary_timer, backfill_timer, rescan, backlog, sweep]
+        if s.reaps:
+            reaper = Reaper(s, matcher, ctx.catalog, ctx.destination, alerter, ctx.owner)
+            threads.append(Periodic("reap", REAP_INTERVAL, reaper, self.stop))
         if not s.keep_source:
             threads.append(
                 Periodic("tidy", s.overwrite_unpacked_interval, tidy, self.stop, run_first=False)
@@ -337,9 +362,13 @@ class Service:
         pool.start()
         for t in threads:
             t.start()
+        # the figures that `raw-transfer status` shows, and the heartbeat in the log
+        live = Publisher(s.state_dir, ctx.owner)
+        label = catalog_label(s)
         try:
             log.info("watching %s -> %s", q(s.source_dir), s.dest)
             self.notifier.ready(self._status(canary, source))
+            live(self._figures(canary, source, label))
             wd = watchdog_interval()
             tick = min(HEALTH_INTERVAL, wd) if wd else HEALTH_INTERVAL
             while not self.stop.wait(tick):
@@ -365,6 +394,7 @@ class Service:
                 if pool.alive() and (watcher.alive or not source.healthy):
                     self.notifier.watchdog()
                 self.notifier.status(self._status(canary, source))
+                live(self._figures(canary, source, label))
         finally:
             self.notifier.stopping()
             # producers first, then the workers; whatever is still queued in memory is
@@ -376,6 +406,7 @@ class Service:
                 t.shutdown()
             self._drain(pool)
             alerter.close()
+            live.close()
         log.info("stopped (signal %s)", self.signum)
         return EXIT_OK
 
@@ -390,6 +421,39 @@ class Service:
         if self.stats.last_done:
             text += f"; last {self.stats.last_done}"
         return text
+
+    def _figures(self, canary: Canary, source: SourceHealth, catalog: str) -> dict[str, Any]:
+        """The live figures (live.py; `raw-transfer status` shows them, README lists them)."""
+        pending, inflight = self.queue.depth()
+        c = self.stats.counts
+        now, mono = time.time(), time.monotonic()
+        down = dict(canary.down_since)  # monotonic times, copied: the canary's thread edits it
+        oldest = self.queue.oldest()
+        return {
+            "version": LIVE_VERSION,
+            "host": self.s.host_id,
+            "pid": os.getpid(),
+            "started": now - (mono - self.stats.started),
+            "updated": now,
+            "catalog": catalog,
+            "table": self.s.db_table,
+            "source_dir": os.path.abspath(self.s.source_dir),
+            "dest": str(self.s.dest),
+            "queued": pending,
+            "in_flight": inflight,
+            "paused": self.queue.paused,
+            "paused_reasons": sorted(f"{name} unavailable" for name in down),
+            "paused_since": now - (mono - min(down.values())) if down else None,
+            "source_problem": None if source.healthy else source.status(),
+            "done": c["done"],
+            "failed": c["failed"] + c["not done"],
+            "quarantined": c["quarantined"],
+            "duplicates": c["duplicate"],
+            "oldest_waiting": {"file": oldest[0].name, "seconds": round(oldest[1], 1)}
+            if oldest
+            else None,
+            "last_done": self.stats.last_done or None,
+        }
 
     def _summary(
         self, out: TextIO, ctx: Context, unreadable: list[tuple[Path, str]] | None = None

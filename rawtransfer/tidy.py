@@ -11,14 +11,12 @@ back once more, and only then is the original removed. Anything unexpected leave
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
-import uuid
 from pathlib import Path, PurePosixPath
 
 from rawtransfer.catalog.base import Catalog, Owner, State, utc_from_epoch
-from rawtransfer.destination.local import LocalDestination, fsync_dir
+from rawtransfer.destination.local import LocalDestination
 from rawtransfer.errors import (
     DestinationConflict,
     DestinationUnavailable,
@@ -26,9 +24,9 @@ from rawtransfer.errors import (
     FileRejected,
 )
 from rawtransfer.names import plural, q
-from rawtransfer.steps import check, hashing, pack, place
+from rawtransfer.steps import check, pack, place
 from rawtransfer.steps.settle import FileVanished, NotRegular
-from rawtransfer.steps.snapshot import Snapshot, current_identity
+from rawtransfer.steps.snapshot import Snapshot, remove_if_unchanged
 from rawtransfer.watch import Matcher, scan
 
 log = logging.getLogger(__name__)
@@ -52,12 +50,13 @@ def tidy_one(path: Path, sha1: str, spool: Path, catalog: Catalog, owner: Owner)
     with snap:
         try:
             checked = check.check(snap.view)
-            packed = pack.pack(snap.view, spool, float_images=checked.float_images)
+            result = pack.pack_hashed(snap.view, spool, float_images=checked.float_images)
+            packed = result.path
         except (FileRejected, FileFailed) as exc:
             log.error("not tidying %s: %s", q(path), exc)
             return False
         try:
-            if hashing.sha1_file(packed) != sha1:
+            if result.sha1 != sha1:
                 log.error("not tidying %s: packing again does not give the verified copy", q(path))
                 return False
             # the same atomic, no-clobber publish as an archive copy, beside the original
@@ -67,7 +66,7 @@ def tidy_one(path: Path, sha1: str, spool: Path, catalog: Catalog, owner: Owner)
             if beside.sha1(rel) != sha1:
                 log.error("not tidying %s: the local .fz does not read back right", q(path))
                 return False
-            if not _remove_if_same(path, snap):
+            if not remove_if_unchanged(path, snap):
                 return False
         except (DestinationConflict, DestinationUnavailable) as exc:
             log.error("not tidying %s: %s", q(path), exc)
@@ -77,38 +76,6 @@ def tidy_one(path: Path, sha1: str, spool: Path, catalog: Catalog, owner: Owner)
     catalog.record_event(sha1, str(path), State.DONE, f"original replaced by {target.name}", owner)
     log.info("tidied %s -> %s", q(path), q(target.name))
     return True
-
-
-def _remove_if_same(path: Path, snap: Snapshot) -> bool:
-    """Unlink ``path`` only if it is still the snapshot's file, unchanged.
-
-    The file is first renamed to a hidden name in its directory (atomic, and no writer
-    opens that name), then its identity is compared: checking and then unlinking the
-    path itself would leave a moment in which a new version could be deleted.
-    """
-    if snap.changed() is not None:
-        log.warning("not tidying %s: it changed since it was verified", q(path))
-        return False
-    aside = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tidy")
-    os.rename(path, aside)
-    now = current_identity(aside)
-    # the rename itself moves the ctime on: compare everything else
-    if now is not None and now.same_file_and_content(snap.identity):
-        aside.unlink()
-        fsync_dir(path.parent)
-        return True
-    # another file arrived at the last moment: put it back, never over a newer one
-    try:
-        os.link(aside, path)
-        aside.unlink()
-    except FileExistsError:
-        log.error(
-            "not tidying %s: it changed meanwhile; the other version is kept as %s",
-            q(path),
-            q(aside.name),
-        )
-    log.warning("not tidying %s: it changed since it was verified", q(path))
-    return False
 
 
 class Tidy:

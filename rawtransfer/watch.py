@@ -9,14 +9,12 @@ the service's own reads never queue anything.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import logging
 import os
-import re
 import stat
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from watchdog.events import (
     FileClosedEvent,
@@ -32,6 +30,7 @@ from watchdog.observers.polling import PollingObserver
 
 from rawtransfer.names import q
 from rawtransfer.queue import WorkQueue
+from rawtransfer.selection import Selection
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +38,12 @@ log = logging.getLogger(__name__)
 POLL_INTERVAL = 5.0
 
 
-class Matcher:
-    def __init__(self, patterns: tuple[str, ...]) -> None:
-        self._re = re.compile("|".join(fnmatch.translate(p) for p in patterns))
+class Matcher(Selection):
+    """The patterns and the exclude rules (selection.Selection); called with a bare name,
+    it answers for the patterns alone."""
 
     def __call__(self, name: str) -> bool:
-        return not name.startswith(".") and self._re.match(name) is not None
+        return self.name_matches(name)
 
 
 class _Collectors(threading.local):
@@ -101,7 +100,13 @@ def scan(
         unreadable(exc.filename if exc.filename is not None else str(root), exc)
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=onerror, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        here = PurePosixPath(Path(dirpath).relative_to(root).as_posix())
+        # an excluded directory is not even listed
+        dirnames[:] = sorted(
+            d
+            for d in dirnames
+            if not d.startswith(".") and matcher.excluded(here / d, is_dir=True) is None
+        )
         for name in sorted(filenames):
             if not matcher(name):
                 continue
@@ -114,9 +119,11 @@ def scan(
                 unreadable(dirpath, exc)
                 continue
             if not stat.S_ISREG(st.st_mode):
-                log.warning("skipped %r: not a regular file (links are not followed)", str(path))
+                matcher.say_once(here / name, "not a regular file (links are not followed)")
                 continue
             if newer_than is not None and st.st_mtime < newer_than:
+                continue
+            if not matcher.wants(here / name, st.st_size):
                 continue
             yield path, st.st_mtime
 
@@ -133,10 +140,9 @@ class Handler(FileSystemEventHandler):
             parts = path.relative_to(self.root).parts
         except ValueError:
             return
-        # hidden directories are staging areas (as in the scan): not ours to take
-        if any(p.startswith(".") for p in parts[:-1]):
-            return
-        if self.matcher(path.name):
+        # hidden directories are staging areas (as in the scan): not ours to take; the
+        # size is not known here (an empty file is skipped when it is processed)
+        if self.matcher.wants(PurePosixPath(*parts)):
             self.queue.put(path, closed=closed)
 
     def on_any_event(self, event: FileSystemEvent) -> None:

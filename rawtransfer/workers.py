@@ -178,6 +178,9 @@ class Pool:
             log.warning("skipped %s: %s", name, outcome.reason)
         elif r == Result.ALREADY_DONE:
             log.debug("already done %s", name)
+        elif r == Result.IGNORED:
+            log.debug("not taken: %s: %s", name, outcome.reason)
+            return
         elif r == Result.WAIT:
             log.debug("waiting for %s: %s", name, outcome.reason)
             self.queue.put(item.path, delay=outcome.delay, attempt=item.attempt)

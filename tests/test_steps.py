@@ -328,3 +328,12 @@ def test_settle_clock_skew_future_mtime_waits(frame) -> None:
     future = time.time() + 3600
     os.utime(p, (future, future))
     assert isinstance(settle.settle(p, patience=5), settle.Wait)
+
+
+def test_pack_hashes_both_ends_as_the_bytes_go_by(tmp_path: Path) -> None:
+    p = synth.write_frame(tmp_path / "h.fits", (300, 200), seed=3)
+    r = pack.pack_hashed(p, tmp_path, float_images=False)
+    assert r.raw_sha1 == hashing.sha1_file(p)
+    assert r.sha1 == hashing.sha1_file(r.path)
+    c = pack.copy_to_spool(r.path, tmp_path)
+    assert c.sha1 == c.raw_sha1 == r.sha1

@@ -102,3 +102,18 @@ def test_watcher_tidies_after_verification_and_keep_source_keeps(
     run(keep=False)
     assert not (tree.src / "kFalse.fits").exists()
     assert sha1(tree.src / "kFalse.fits.fz") == sha1(tree.dest / "2026/11/24/kFalse.fits.fz")
+
+
+def test_a_file_left_aside_by_an_interrupted_removal_is_put_back(tree: Tree) -> None:
+    """A tidy or reap killed between its rename aside and its unlink: the next start puts
+    the file back under its name (never over one there now), and it is judged again."""
+    new = synth.write_frame(tree.src / ".b.fits.0123456789ab.rt-aside", (64, 64), seed=7)
+    both = synth.write_frame(tree.src / ".c.fits.0123456789ab.rt-aside", (64, 64), seed=8)
+    there = synth.write_frame(tree.src / "c.fits", (64, 64), seed=9)
+    tree.settled()
+    r = run_rt(tree.src, tree.dest, "--backfill-only", "--state-dir", tree.state)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tree.src / "b.fits").exists() and not new.exists()
+    assert both.exists() and sha1(there) != sha1(both)  # kept both, said so
+    assert "kept both" in r.stderr
+    assert "2 done" in r.stdout, r.stdout

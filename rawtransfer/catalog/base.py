@@ -20,7 +20,9 @@ catalog is a ``duplicate`` event. The operators' ``why`` command reads that hist
 from __future__ import annotations
 
 import os
+import re
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
@@ -36,6 +38,7 @@ class State(StrEnum):
     RELEASED = "released"  # a claim given back (shutdown, resource away)
     RETRY = "retry"  # event only: a transient failure, or an operator asked for a retry
     CHANGED = "changed"  # event only: the file changed while it was processed
+    REAPED = "reaped"  # event only: a local file deleted after its copy was verified
 
 
 # The table's shape, shared by both catalogs: the upstream columns (``created_at``, with
@@ -128,6 +131,17 @@ class FileFacts:
 
 
 @dataclass(frozen=True)
+class VerifiedCopy:
+    """A done row whose archive copy was verified: what a local file must equal before
+    it may be deleted."""
+
+    sha1: str  # of the packed file (the archive copy, and the .fz left by tidying)
+    raw_sha1: str | None  # of the original
+    filepath: str  # the archive copy
+    verified_at: datetime
+
+
+@dataclass(frozen=True)
 class Handled:
     """The last terminal record of a source path: when, in which state, and the identity
     (device:inode:size:mtime:ctime) the file had then."""
@@ -165,6 +179,125 @@ def merge_handled(
         if src not in seen and (src not in out or out[src].at < at):
             out[src] = Handled(at, State.DONE, None)
     return out
+
+
+# What the operators' commands read (``status``, ``why``) -------------------------------
+
+SHA1_RE = re.compile(r"^[0-9a-f]{40}$")
+# A bare name can be a frame's name on many nights ("flat.fits"): a history names at most
+# this many source files and shows at most this many lines, newest kept.
+HISTORY_FILES = 50
+HISTORY_LINES = 2000
+
+
+@dataclass(frozen=True)
+class Row:
+    """A catalog row as the operators' commands show it."""
+
+    sha1: str
+    source_filepath: str | None
+    state: str
+    error: str | None
+    filepath: str | None
+    raw_sha1: str | None
+    packed_size: int | None
+    raw_size: int | None
+    file_created_at: datetime | None
+    updated_at: datetime | None  # an upstream row has none: its created_at stands in
+    claimed_by: str | None
+    claimed_at: datetime | None
+
+
+# the select list that Row is built from, in its order (both dialects)
+ROW_SELECT = (
+    "sha1_hash, source_filepath, state, error, filepath, raw_sha1, packed_size, raw_size, "
+    "file_created_at, coalesce(updated_at, created_at), claimed_by, claimed_at"
+)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One line of a source file's history (the events table)."""
+
+    id: int
+    at: datetime
+    source_filepath: str
+    state: str
+    host: str | None
+    pid: int | None
+    reason: str
+    sha1: str | None
+    identity: str | None
+
+
+EVENT_SELECT = "id, at, source_filepath, state, host, pid, reason, sha1_hash, identity"
+
+
+@dataclass(frozen=True)
+class CatalogStatus:
+    """The catalog's side of ``raw-transfer status``; every figure from an index."""
+
+    counts: dict[str, int]  # rows per state
+    claimed: list[Row]  # in flight, oldest claim first (at most the number asked for)
+    oldest_waiting: Row | None  # claimed or released, with the oldest file time
+    last_done: Row | None
+    window_files: int  # done since the window's start
+    window_packed_bytes: int
+    window_raw_bytes: int
+    failed: list[Row]  # the most recent first
+    quarantined: list[Row]
+
+
+@dataclass(frozen=True)
+class History:
+    """What ``raw-transfer why`` shows: the events of the files a key names, oldest
+    first, and their rows (an upstream row has no events)."""
+
+    matched_by: str  # "sha1", "path" or "name"
+    events: list[Event]
+    rows: list[Row]
+    truncated: bool = False
+
+
+# Indexed look-ups each catalog dialect answers: (column, values) -> rows or events, where
+# column is sha1_hash, raw_sha1, source_filepath, filepath or name (the source path's last
+# component, through an index on that expression); events have no raw_sha1 or filepath.
+RowLookup = Callable[[str, list[str]], list[Row]]
+EventLookup = Callable[[str, list[str]], list[Event]]
+
+
+def resolve_history(key: str, paths: list[str], rows: RowLookup, events: EventLookup) -> History:
+    """The history of what ``key`` names: a SHA1 (of the packed or of the raw file), a
+    path (``paths``: the spellings to try, source or archive), else a bare name (the
+    archive's ``NAME.fits.fz`` also finds ``NAME.fits``). Shared by both catalogs, so
+    that they answer ``why`` the same way."""
+    k = key.strip().lower()
+    if SHA1_RE.match(k):
+        how = "sha1"
+        found = rows("sha1_hash", [k]) + rows("raw_sha1", [k])
+        hits = events("sha1_hash", [k])
+    else:
+        how = "path"
+        found = rows("source_filepath", paths) + rows("filepath", paths)
+        hits = events("source_filepath", paths)
+        if not found and not hits:
+            how = "name"
+            name = key.rstrip("/").rpartition("/")[2]
+            names = [name, name.removesuffix(".fz")] if name.endswith(".fz") else [name]
+            found = rows("name", names)
+            hits = events("name", names)
+    sources = {r.source_filepath for r in found if r.source_filepath}
+    sources |= {e.source_filepath for e in hits}
+    truncated = len(sources) > HISTORY_FILES
+    chosen = sorted(sources)[:HISTORY_FILES]
+    by_id = {e.id: e for e in hits if e.source_filepath in chosen}
+    by_id.update((e.id, e) for e in events("source_filepath", chosen))
+    by_sha1 = {r.sha1: r for r in found if r.source_filepath in (None, *chosen)}
+    by_sha1.update((r.sha1, r) for r in rows("source_filepath", chosen))
+    ordered = sorted(by_id.values(), key=lambda e: (e.at, e.id))
+    if len(ordered) > HISTORY_LINES:
+        ordered, truncated = ordered[-HISTORY_LINES:], True
+    return History(how, ordered, list(by_sha1.values()), truncated)
 
 
 class ClaimOutcome(StrEnum):
@@ -241,6 +374,9 @@ class Catalog(Protocol):
         left have no verification time and are never tidied).
         """
 
+    def verified_copies(self, sources: list[str]) -> dict[str, VerifiedCopy]:
+        """For these source paths, their done rows whose copy was verified (indexed)."""
+
     def claim(self, sha1: str, facts: FileFacts, owner: Owner, lease_seconds: float) -> ClaimResult:
         """Insert a claimed row, or take over a stale one; never two live claims.
 
@@ -284,5 +420,50 @@ class Catalog(Protocol):
         identity: str | None = None,
     ) -> None:
         """Append one line to the file's history."""
+
+    # what ``raw-transfer audit`` reads and repairs (ops/audit.py) -----------------------
+    def audit_rows(self, after: str, limit: int, since: date | None = None) -> list[Row]:
+        """Up to ``limit`` rows whose SHA1 sorts after ``after``, in SHA1 order: the audit
+        pages through the whole table without holding it. With ``since``, done rows only
+        of frames observed from that day on (or of no known day: upstream's rows)."""
+
+    def register_done(
+        self,
+        sha1: str,
+        facts: FileFacts,
+        filepath: str,
+        transferred_at: datetime,
+        owner: Owner,
+        lease_seconds: float,
+        reason: str,
+    ) -> str | None:
+        """Record an archive file that has no row, verified against its source
+        (``facts``), as done and verified: a new row, or the row of the same content when
+        it is neither done nor claimed by a live holder (judge_existing); a done event
+        for the source. None when recorded, else why not."""
+
+    def reopen_lost(self, sha1: str, filepath: str, source: str, owner: Owner, reason: str) -> bool:
+        """A done row whose archive file is gone: set it back to released and record a
+        retry for ``source``, so that the next backfill copies the file again. False when
+        the row is no longer done at ``filepath``."""
+
+    def release_stale(
+        self,
+        sha1: str,
+        claimed_by: str,
+        claimed_at: datetime | None,
+        owner: Owner,
+        reason: str,
+    ) -> bool:
+        """Release a claim judged stale (judge_existing) if it is still that very claim
+        (same holder, same time); the release event is ``owner``'s. False otherwise."""
+
+    def status(self, since: datetime, recent: int, in_flight: int) -> CatalogStatus:
+        """Counts per state, up to ``in_flight`` claims, the oldest file waiting, the last
+        done, what was done since ``since``, and the ``recent`` latest failed and
+        quarantined rows: index range scans only (see ``raw-transfer status``)."""
+
+    def history(self, key: str, paths: list[str]) -> History:
+        """The events and rows of the file(s) ``key`` names (see ``resolve_history``)."""
 
     def close(self) -> None: ...

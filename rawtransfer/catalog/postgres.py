@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any, TypeVar
 
 import psycopg
@@ -35,16 +35,24 @@ from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from rawtransfer.catalog.base import (
+    EVENT_SELECT,
     EXTRA_COLUMNS,
+    ROW_SELECT,
     UPSTREAM_COLUMNS,
+    CatalogStatus,
     ClaimOutcome,
     ClaimResult,
+    Event,
     FileFacts,
     Handled,
+    History,
     Owner,
+    Row,
     State,
+    VerifiedCopy,
     judge_existing,
     merge_handled,
+    resolve_history,
     utcnow,
 )
 from rawtransfer.config import IDENTIFIER_RE, Settings
@@ -107,6 +115,18 @@ POOL_CLOSE_TIMEOUT = 5.0
 # text holds every value a regex group yields (integers are cast on assignment), while
 # an existing upstream table keeps its own smallint/int columns.
 METADATA_TYPE = "text"
+
+# The last component of a source path, as an indexable (immutable) expression.
+NAME_EXPR = "regexp_replace(source_filepath, '^.*/', '')"
+# The columns ``why`` may look a row or an event up by, all indexed.
+_LOOKUP = {
+    "sha1_hash": "sha1_hash",
+    "raw_sha1": "raw_sha1",
+    "source_filepath": "source_filepath",
+    "filepath": "filepath",
+    "name": NAME_EXPR,
+}
+_EVENT_LOOKUP = ("sha1_hash", "source_filepath", "name")
 
 _EVENT_COLUMNS = (
     "id",
@@ -507,6 +527,23 @@ class PostgresCatalog:
         )
         return {r[0]: r[1] for r in rows}
 
+    def verified_copies(self, sources: list[str]) -> dict[str, VerifiedCopy]:
+        q = sql.SQL(
+            "select source_filepath, sha1_hash, raw_sha1, filepath, verified_at from {t} "
+            "where source_filepath = any(%(src)s) and state = 'done' "
+            "and verified_at is not null and filepath is not null"
+        ).format(t=self.t)
+        out: dict[str, VerifiedCopy] = {}
+        for i in range(0, len(sources), 1000):
+            params = {"src": sources[i : i + 1000]}
+
+            def fetch(c: Conn, p: dict[str, Any] = params) -> list[Any]:
+                return c.execute(q, p).fetchall()
+
+            for r in self._run("verified_copies", fetch):
+                out[r[0]] = VerifiedCopy(r[1], r[2], r[3], r[4])
+        return out
+
     def claim(self, sha1: str, facts: FileFacts, owner: Owner, lease_seconds: float) -> ClaimResult:
         now = utcnow()
         values: dict[str, Any] = {
@@ -693,6 +730,194 @@ class PostgresCatalog:
         q = self._event_sql()
         self._run("record_event", lambda c: c.execute(q, params))
 
+    # raw-transfer audit -----------------------------------------------------------------
+    def audit_rows(self, after: str, limit: int, since: date | None = None) -> list[Row]:
+        day = sql.SQL(
+            ""
+            if since is None
+            else "and (state <> 'done' or obs_date is null or obs_date >= %(day)s)"
+        )
+        q = sql.SQL(
+            "select {cols} from {t} where sha1_hash > %(after)s {day} "
+            "order by sha1_hash limit %(limit)s"
+        ).format(cols=sql.SQL(ROW_SELECT), t=self.t, day=day)
+        params = {"after": after, "limit": limit, "day": since}
+        found = self._run("audit_rows", lambda c: c.execute(q, params).fetchall(), SCAN_DEADLINE)
+        return [Row(*r) for r in found]
+
+    def register_done(
+        self,
+        sha1: str,
+        facts: FileFacts,
+        filepath: str,
+        transferred_at: datetime,
+        owner: Owner,
+        lease_seconds: float,
+        reason: str,
+    ) -> str | None:
+        now = utcnow()
+        values: dict[str, Any] = {
+            "sha1_hash": sha1,
+            "source_filepath": facts.source_filepath,
+            "file_created_at": facts.file_created_at,
+            "file_transferred_at": transferred_at,
+            "filepath": filepath,
+            "state": State.DONE.value,
+            "raw_sha1": facts.raw_sha1,
+            "raw_size": facts.raw_size,
+            "packed_size": facts.packed_size,
+            "obs_date": facts.obs_date,
+            "verified_at": now,
+            "updated_at": now,
+        }
+        for c in self.metadata_columns:
+            values[c] = facts.metadata.get(c)
+        insert = sql.SQL(
+            "insert into {t} ({cols}) values ({vals}) on conflict (sha1_hash) do nothing"
+        ).format(
+            t=self.t,
+            cols=sql.SQL(", ").join(sql.Identifier(c) for c in values),
+            vals=sql.SQL(", ").join(sql.Placeholder(c) for c in values),
+        )
+        # the row locked while it is judged: a claimer holding it is waited for no longer
+        # than that (skip locked: it is being changed, so not ours to register now)
+        current = sql.SQL(
+            "select state, claimed_by, claimed_at, source_filepath, filepath from {t} "
+            "where sha1_hash = %s for update skip locked"
+        ).format(t=self.t)
+        update = sql.SQL(
+            "update {t} set state = 'done', source_filepath = %(source_filepath)s, "
+            "filepath = %(filepath)s, file_transferred_at = %(file_transferred_at)s, "
+            "verified_at = %(verified_at)s, updated_at = %(updated_at)s, error = null, "
+            "claimed_by = null, claimed_at = null, raw_sha1 = %(raw_sha1)s, "
+            "raw_size = %(raw_size)s, packed_size = %(packed_size)s, obs_date = %(obs_date)s "
+            "where sha1_hash = %(sha1_hash)s"
+        ).format(t=self.t)
+        event = self._event_params(
+            sha1, facts.source_filepath, State.DONE, reason, owner, now, facts.identity
+        )
+
+        def run(c: Conn) -> str | None:
+            with c.transaction():
+                if c.execute(insert, values).rowcount != 1:
+                    row = c.execute(current, (sha1,)).fetchone()
+                    if row is None:
+                        return "its row is being changed; try again"
+                    state, by, at, src, existing = row
+                    verdict = judge_existing(
+                        state, by, at, src, existing, owner, lease_seconds, now
+                    )
+                    if verdict is not None:
+                        if verdict.outcome == ClaimOutcome.DONE:
+                            return f"the same content is recorded as done at {existing}"
+                        return f"the same content is being transferred (claimed by {by})"
+                    c.execute(update, values)
+                c.execute(self._event_sql(), event)
+            return None
+
+        return self._run("register_done", run)
+
+    def reopen_lost(self, sha1: str, filepath: str, source: str, owner: Owner, reason: str) -> bool:
+        now = utcnow()
+        q = sql.SQL(
+            "with u as (update {t} set state = 'released', error = %(reason)s, "
+            "updated_at = %(at)s, claimed_by = null, claimed_at = null "
+            "where sha1_hash = %(sha1)s and state = 'done' and filepath = %(filepath)s "
+            "returning sha1_hash) "
+            "insert into {ev} (at, sha1_hash, source_filepath, state, host, pid, reason) "
+            "select %(at)s, %(sha1)s, %(src)s, %(state)s, %(host)s, %(pid)s, %(reason)s from u"
+        ).format(t=self.t, ev=self.ev)
+        params = self._event_params(sha1, source, State.RETRY, reason, owner, now)
+        params["filepath"] = filepath
+        n = self._run("reopen_lost", lambda c: c.execute(q, params).rowcount)
+        return n == 1
+
+    def release_stale(
+        self,
+        sha1: str,
+        claimed_by: str,
+        claimed_at: datetime | None,
+        owner: Owner,
+        reason: str,
+    ) -> bool:
+        now = utcnow()
+        q = sql.SQL(
+            "with d as (update {t} set state = 'released', claimed_by = null, "
+            "claimed_at = null, updated_at = %(at)s, error = %(reason)s "
+            "where sha1_hash = %(sha1)s and state = 'claimed' and claimed_by = %(holder)s "
+            "and claimed_at is not distinct from %(claimed_at)s::timestamp "
+            "returning source_filepath) "
+            "insert into {ev} (at, sha1_hash, source_filepath, state, host, pid, reason) "
+            "select %(at)s, %(sha1)s, source_filepath, %(state)s, %(host)s, %(pid)s, "
+            "%(reason)s from d"
+        ).format(t=self.t, ev=self.ev)
+        params = self._event_params(sha1, "", State.RELEASED, reason, owner, now)
+        params.update(holder=claimed_by, claimed_at=claimed_at)
+        n = self._run("release_stale", lambda c: c.execute(q, params).rowcount)
+        return n == 1
+
+    def status(self, since: datetime, recent: int, in_flight: int) -> CatalogStatus:
+        t = self.t
+
+        def rows(c: Conn, where: str, order: str, limit: int) -> list[Row]:
+            q = sql.SQL("select {cols} from {t} where {where} order by {order} limit %s").format(
+                cols=sql.SQL(ROW_SELECT), t=t, where=sql.SQL(where), order=sql.SQL(order)
+            )
+            return [Row(*r) for r in c.execute(q, (limit,)).fetchall()]
+
+        def fetch(c: Conn) -> CatalogStatus:
+            counts = sql.SQL("select state, count(*) from {t} group by state").format(t=t)
+            window = sql.SQL(
+                "select count(*), coalesce(sum(packed_size), 0), coalesce(sum(raw_size), 0) "
+                "from {t} where state = 'done' and updated_at >= %s"
+            ).format(t=t)
+            w = c.execute(window, (since,)).fetchone() or (0, 0, 0)
+            waiting = rows(c, "state in ('claimed', 'released')", "file_created_at", 1)
+            # "is not null": descending, PostgreSQL puts the upstream rows' nulls first
+            last = rows(c, "state = 'done' and updated_at is not null", "updated_at desc", 1)
+            return CatalogStatus(
+                counts={r[0]: r[1] for r in c.execute(counts).fetchall()},
+                claimed=rows(c, "state = 'claimed'", "claimed_at", in_flight),
+                oldest_waiting=waiting[0] if waiting else None,
+                last_done=last[0] if last else None,
+                window_files=int(w[0]),
+                window_packed_bytes=int(w[1]),
+                window_raw_bytes=int(w[2]),
+                failed=rows(
+                    c, "state = 'failed' and updated_at is not null", "updated_at desc", recent
+                ),
+                quarantined=rows(
+                    c, "state = 'quarantined' and updated_at is not null", "updated_at desc", recent
+                ),
+            )
+
+        return self._run("status", fetch, SCAN_DEADLINE)
+
+    def history(self, key: str, paths: list[str]) -> History:
+        def lookup_rows(c: Conn, column: str, values: list[str]) -> list[Row]:
+            q = sql.SQL("select {cols} from {t} where {col} = any(%s)").format(
+                cols=sql.SQL(ROW_SELECT), t=self.t, col=sql.SQL(_LOOKUP[column])
+            )
+            return [Row(*r) for r in c.execute(q, (values,)).fetchall()]
+
+        def lookup_events(c: Conn, column: str, values: list[str]) -> list[Event]:
+            if column not in _EVENT_LOOKUP:
+                raise ValueError(f"events cannot be looked up by {column}")
+            q = sql.SQL("select {cols} from {ev} where {col} = any(%s)").format(
+                cols=sql.SQL(EVENT_SELECT), ev=self.ev, col=sql.SQL(_LOOKUP[column])
+            )
+            return [Event(*r) for r in c.execute(q, (values,)).fetchall()]
+
+        def fetch(c: Conn) -> History:
+            return resolve_history(
+                key,
+                paths,
+                lambda col, vals: lookup_rows(c, col, vals),
+                lambda col, vals: lookup_events(c, col, vals),
+            )
+
+        return self._run("history", fetch, SCAN_DEADLINE)
+
     def close(self) -> None:
         pool = getattr(self, "_pool", None)
         if pool is not None and not pool.closed:
@@ -702,6 +927,16 @@ class PostgresCatalog:
 
 # ---------------------------------------------------------------------------------------
 # schema: run by an operator (raw-transfer db init|upgrade), never by the service
+
+
+def _indexes(conn: Conn, table: str) -> set[str]:
+    """The names of the indexes on ``table`` and on its events table."""
+    rows = conn.execute(
+        "select indexrelid::regclass::text from pg_index "
+        "where indrelid in (to_regclass(quote_ident(%s)), to_regclass(quote_ident(%s)))",
+        (table, f"{table}_events"),
+    ).fetchall()
+    return {r[0] for r in rows}
 
 
 def _columns(conn: Conn, table: str) -> set[str] | None:
@@ -765,6 +1000,19 @@ def _schema_statements(
         sql.SQL("create index if not exists {i} on {ev} (at)").format(
             i=_name(f"{table}_events_at_idx"), ev=ev
         ),
+        # for the operators' status and why (look-ups by content, archive path and name)
+        *(
+            sql.SQL("create index if not exists {i} on {t} ({e})").format(
+                i=_name(f"{table}_{suffix}"), t=on, e=sql.SQL(expr)
+            )
+            for suffix, on, expr in (
+                ("raw_sha1_idx", t, "raw_sha1"),
+                ("filepath_idx", t, "filepath"),
+                ("name_idx", t, NAME_EXPR),
+                ("events_sha1_idx", ev, "sha1_hash"),
+                ("events_name_idx", ev, NAME_EXPR),
+            )
+        ),
     ]
     return out
 
@@ -784,6 +1032,7 @@ def _apply(target: PgTarget, table: str, metadata_columns: tuple[str, ...], init
                             "create it with: raw-transfer db init"
                         )
                     had_events = _columns(conn, f"{table}_events") is not None
+                    indexes_before = _indexes(conn, table)
                     # all or nothing: PostgreSQL's DDL is transactional
                     with conn.transaction():
                         conn.execute(
@@ -794,6 +1043,7 @@ def _apply(target: PgTarget, table: str, metadata_columns: tuple[str, ...], init
                         for st in statements:
                             conn.execute(st)
                     after = _columns(conn, table) or set()
+                    new_indexes = sorted(_indexes(conn, table) - indexes_before)
                 except psycopg.Error as exc:
                     why = "no answer in time" if g.fired else _message(exc)
                     raise CatalogUnavailable(f"{target.description}: {why}") from None
@@ -805,6 +1055,8 @@ def _apply(target: PgTarget, table: str, metadata_columns: tuple[str, ...], init
         return f"created table {table} and {table}_events in {target.description}"
     added = sorted(after - before)
     parts = [f"added columns {', '.join(added)}"] if added else []
+    if new_indexes and had_events:
+        parts.append(f"added indexes {', '.join(new_indexes)}")
     if not had_events:
         parts.append(f"created {table}_events")
     did = "; ".join(parts) or "already up to date"

@@ -10,21 +10,29 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
 from rawtransfer.catalog.base import (
+    EVENT_SELECT,
     EXTRA_COLUMNS,
+    ROW_SELECT,
     UPSTREAM_COLUMNS,
+    CatalogStatus,
     ClaimOutcome,
     ClaimResult,
+    Event,
     FileFacts,
     Handled,
+    History,
     Owner,
+    Row,
     State,
+    VerifiedCopy,
     judge_existing,
     merge_handled,
+    resolve_history,
     utcnow,
 )
 from rawtransfer.config import IDENTIFIER_RE
@@ -33,6 +41,20 @@ from rawtransfer.errors import CatalogUnavailable, ConfigError, catalog_error
 # Another process on this host (a backfill run beside the service) may hold the write
 # lock for a moment; half a minute is far longer than any statement here takes.
 BUSY_TIMEOUT_MS = 30_000
+# The last component of a source path, as an indexable expression (SQLite has no
+# basename): rtrim strips every character but '/' from the right, leaving the directory.
+NAME_EXPR = (
+    "substr(source_filepath, length(rtrim(source_filepath, replace(source_filepath, '/', ''))) + 1)"
+)
+# The columns ``why`` may look a row or an event up by, all indexed.
+_LOOKUP = {
+    "sha1_hash": "sha1_hash",
+    "raw_sha1": "raw_sha1",
+    "source_filepath": "source_filepath",
+    "filepath": "filepath",
+    "name": NAME_EXPR,
+}
+_EVENT_LOOKUP = ("sha1_hash", "source_filepath", "name")
 
 
 def _ident(name: str) -> str:
@@ -51,6 +73,19 @@ def _events(rows: list[Any]) -> list[tuple[str, datetime, str, str | None]]:
 
 def _rows(rows: list[Any]) -> list[tuple[str, datetime]]:
     return [(r[0], datetime.fromisoformat(r[1])) for r in rows if r[1]]
+
+
+def _dt(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text) if text else None
+
+
+def _row(r: Any) -> Row:
+    a, b, c, d, e, f, g, h, created, updated, by, at = r
+    return Row(a, b, c, d, e, f, g, h, _dt(created), _dt(updated), by, _dt(at))
+
+
+def _event(r: Any) -> Event:
+    return Event(r[0], datetime.fromisoformat(r[1]), *r[2:])
 
 
 class SqliteCatalog:
@@ -103,6 +138,15 @@ class SqliteCatalog:
             create index if not exists {_ident(self.table + "_events_source_idx")}
                 on {self.ev} (source_filepath, id);
             create index if not exists {_ident(self.table + "_events_at_idx")} on {self.ev} (at);
+            create index if not exists {_ident(self.table + "_raw_sha1_idx")}
+                on {self.t} (raw_sha1);
+            create index if not exists {_ident(self.table + "_filepath_idx")}
+                on {self.t} (filepath);
+            create index if not exists {_ident(self.table + "_name_idx")} on {self.t} ({NAME_EXPR});
+            create index if not exists {_ident(self.table + "_events_sha1_idx")}
+                on {self.ev} (sha1_hash);
+            create index if not exists {_ident(self.table + "_events_name_idx")}
+                on {self.ev} ({NAME_EXPR});
             """
         )
         have_ev = {row[1] for row in self._db.execute(f"pragma table_info({self.ev})")}
@@ -181,6 +225,22 @@ class SqliteCatalog:
                 (_ts(since),),
             ).fetchall()
         return {r[0]: r[1] for r in rows}
+
+    def verified_copies(self, sources: list[str]) -> dict[str, VerifiedCopy]:
+        out: dict[str, VerifiedCopy] = {}
+        for i in range(0, len(sources), 500):  # SQLite's limit on parameters
+            chunk = sources[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            with self._lock:
+                rows = self._x(
+                    f"select source_filepath, sha1_hash, raw_sha1, filepath, verified_at "
+                    f"from {self.t} where source_filepath in ({marks}) and state = 'done' "
+                    "and verified_at is not null and filepath is not null",
+                    tuple(chunk),
+                ).fetchall()
+            for r in rows:
+                out[r[0]] = VerifiedCopy(r[1], r[2], r[3], datetime.fromisoformat(r[4]))
+        return out
 
     def claim(self, sha1: str, facts: FileFacts, owner: Owner, lease_seconds: float) -> ClaimResult:
         now = utcnow()
@@ -358,6 +418,206 @@ class SqliteCatalog:
     ) -> None:
         with self._lock:
             self._event(sha1, source_filepath, state, reason, owner, utcnow(), identity)
+
+    # raw-transfer audit -----------------------------------------------------------------
+    def audit_rows(self, after: str, limit: int, since: date | None = None) -> list[Row]:
+        day = "" if since is None else "and (state <> 'done' or obs_date is null or obs_date >= ?)"
+        params: tuple[Any, ...] = (after,) if since is None else (after, since.isoformat())
+        with self._lock:
+            found = self._x(
+                f"select {ROW_SELECT} from {self.t} where sha1_hash > ? {day} "
+                "order by sha1_hash limit ?",
+                (*params, limit),
+            ).fetchall()
+        return [_row(r) for r in found]
+
+    def register_done(
+        self,
+        sha1: str,
+        facts: FileFacts,
+        filepath: str,
+        transferred_at: datetime,
+        owner: Owner,
+        lease_seconds: float,
+        reason: str,
+    ) -> str | None:
+        now = utcnow()
+        values: dict[str, Any] = {
+            "sha1_hash": sha1,
+            "source_filepath": facts.source_filepath,
+            "file_created_at": _ts(facts.file_created_at),
+            "file_transferred_at": _ts(transferred_at),
+            "filepath": filepath,
+            "state": State.DONE.value,
+            "raw_sha1": facts.raw_sha1,
+            "raw_size": facts.raw_size,
+            "packed_size": facts.packed_size,
+            "obs_date": facts.obs_date.isoformat() if facts.obs_date else None,
+            "verified_at": _ts(now),
+            "updated_at": _ts(now),
+        }
+        for c in self.metadata_columns:
+            values[c] = facts.metadata.get(c)
+        cols = ", ".join(_ident(c) for c in values)
+        with self._lock:
+            cur = self._x(
+                f"insert into {self.t} ({cols}) values ({', '.join('?' * len(values))}) "
+                "on conflict (sha1_hash) do nothing",
+                tuple(values.values()),
+            )
+            if cur.rowcount != 1:
+                row = self._x(
+                    f"select state, claimed_by, claimed_at, source_filepath, filepath "
+                    f"from {self.t} where sha1_hash = ?",
+                    (sha1,),
+                ).fetchone()
+                if row is None:
+                    return "its row changed meanwhile; try again"
+                state, by, at, src, existing = row
+                verdict = judge_existing(
+                    state, by, _dt(at), src, existing, owner, lease_seconds, now
+                )
+                if verdict is not None:
+                    if verdict.outcome == ClaimOutcome.DONE:
+                        return f"the same content is recorded as done at {existing}"
+                    return f"the same content is being transferred (claimed by {by})"
+                cur = self._x(
+                    f"update {self.t} set state = 'done', source_filepath = ?, filepath = ?, "
+                    "file_transferred_at = ?, verified_at = ?, updated_at = ?, error = null, "
+                    "claimed_by = null, claimed_at = null, raw_sha1 = ?, raw_size = ?, "
+                    "packed_size = ?, obs_date = ? where sha1_hash = ? and state = ? "
+                    "and claimed_by is ? and claimed_at is ?",
+                    (
+                        facts.source_filepath,
+                        filepath,
+                        values["file_transferred_at"],
+                        values["verified_at"],
+                        values["updated_at"],
+                        facts.raw_sha1,
+                        facts.raw_size,
+                        facts.packed_size,
+                        values["obs_date"],
+                        sha1,
+                        state,
+                        by,
+                        at,
+                    ),
+                )
+                if cur.rowcount != 1:
+                    return "its row changed meanwhile; try again"
+            self._event(sha1, facts.source_filepath, State.DONE, reason, owner, now, facts.identity)
+        return None
+
+    def reopen_lost(self, sha1: str, filepath: str, source: str, owner: Owner, reason: str) -> bool:
+        now = utcnow()
+        with self._lock:
+            cur = self._x(
+                f"update {self.t} set state = 'released', error = ?, updated_at = ?, "
+                "claimed_by = null, claimed_at = null "
+                "where sha1_hash = ? and state = 'done' and filepath = ?",
+                (reason, _ts(now), sha1, filepath),
+            )
+            if cur.rowcount != 1:
+                return False
+            self._event(sha1, source, State.RETRY, reason, owner, now)
+        return True
+
+    def release_stale(
+        self,
+        sha1: str,
+        claimed_by: str,
+        claimed_at: datetime | None,
+        owner: Owner,
+        reason: str,
+    ) -> bool:
+        now = utcnow()
+        claim = (sha1, claimed_by, _ts(claimed_at))
+        with self._lock:
+            row = self._x(
+                f"select source_filepath from {self.t} where sha1_hash = ? "
+                "and state = 'claimed' and claimed_by = ? and claimed_at is ?",
+                claim,
+            ).fetchone()
+            if row is None:
+                return False
+            # compare-and-swap: another process may take the claim over meanwhile
+            cur = self._x(
+                f"update {self.t} set state = 'released', claimed_by = null, claimed_at = null, "
+                "updated_at = ?, error = ? where sha1_hash = ? and state = 'claimed' "
+                "and claimed_by = ? and claimed_at is ?",
+                (_ts(now), reason, *claim),
+            )
+            if cur.rowcount != 1:
+                return False
+            self._event(sha1, row[0], State.RELEASED, reason, owner, now)
+        return True
+
+    def status(self, since: datetime, recent: int, in_flight: int) -> CatalogStatus:
+        t = self.t
+        with self._lock:
+            counts = dict(self._x(f"select state, count(*) from {t} group by state").fetchall())
+
+            def rows(where: str, order: str, limit: int) -> list[Row]:
+                found = self._x(
+                    f"select {ROW_SELECT} from {t} where {where} order by {order} limit ?",
+                    (limit,),
+                ).fetchall()
+                return [_row(r) for r in found]
+
+            claimed = rows("state = 'claimed'", "claimed_at", in_flight)
+            waiting = rows("state in ('claimed', 'released')", "file_created_at", 1)
+            last = rows("state = 'done' and updated_at is not null", "updated_at desc", 1)
+            window = self._x(
+                f"select count(*), coalesce(sum(packed_size), 0), coalesce(sum(raw_size), 0) "
+                f"from {t} where state = 'done' and updated_at >= ?",
+                (_ts(since),),
+            ).fetchone()
+            failed = rows("state = 'failed' and updated_at is not null", "updated_at desc", recent)
+            quarantined = rows(
+                "state = 'quarantined' and updated_at is not null", "updated_at desc", recent
+            )
+        return CatalogStatus(
+            counts=counts,
+            claimed=claimed,
+            oldest_waiting=waiting[0] if waiting else None,
+            last_done=last[0] if last else None,
+            window_files=window[0],
+            window_packed_bytes=window[1],
+            window_raw_bytes=window[2],
+            failed=failed,
+            quarantined=quarantined,
+        )
+
+    def history(self, key: str, paths: list[str]) -> History:
+        with self._lock:
+            return resolve_history(key, paths, self._lookup_rows, self._lookup_events)
+
+    # for resolve_history, with the lock held
+    def _lookup_rows(self, column: str, values: list[str]) -> list[Row]:
+        out: list[Row] = []
+        for i in range(0, len(values), 500):  # SQLite's limit on parameters
+            chunk = values[i : i + 500]
+            found = self._x(
+                f"select {ROW_SELECT} from {self.t} "
+                f"where {_LOOKUP[column]} in ({','.join('?' * len(chunk))})",
+                tuple(chunk),
+            ).fetchall()
+            out += [_row(r) for r in found]
+        return out
+
+    def _lookup_events(self, column: str, values: list[str]) -> list[Event]:
+        if column not in _EVENT_LOOKUP:
+            raise ValueError(f"events cannot be looked up by {column}")
+        out: list[Event] = []
+        for i in range(0, len(values), 500):
+            chunk = values[i : i + 500]
+            found = self._x(
+                f"select {EVENT_SELECT} from {self.ev} "
+                f"where {_LOOKUP[column]} in ({','.join('?' * len(chunk))})",
+                tuple(chunk),
+            ).fetchall()
+            out += [_event(r) for r in found]
+        return out
 
     def _event(
         self,

@@ -13,13 +13,16 @@ root itself may be a link (a mount made elsewhere).
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
+from collections.abc import Iterator
+from datetime import date
 from enum import StrEnum
 from fnmatch import fnmatchcase
 from glob import escape as glob_escape
 from pathlib import Path, PurePosixPath
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from rawtransfer.errors import ResourceUnavailable
 
@@ -51,6 +54,32 @@ def temporaries_of(name: str) -> str:
 def is_temporary(name: str) -> bool:
     """True for the names of our temporary files (``.NAME.<hex>.rt-tmp``, probes)."""
     return fnmatchcase(name, TMP_PATTERN)
+
+
+class ArchiveEntry(NamedTuple):
+    """A regular file in a day directory of the archive, as its directory's listing shows it."""
+
+    rel: PurePosixPath  # YYYY/MM/DD/NAME
+    size: int
+    mtime: float  # by the destination's clock
+
+
+_DATE_PART = re.compile(r"^[0-9]{2}$")
+
+
+def in_date_tree(parts: tuple[str, ...], since: date | None = None) -> bool:
+    """Whether ``root/YYYY[/MM[/DD]]`` is a year, month or day directory of the archive
+    that may hold days from ``since`` on (any other directory is not the archive's)."""
+    if not 1 <= len(parts) <= 3 or not re.fullmatch(r"[0-9]{4}", parts[0]):
+        return False
+    if not all(_DATE_PART.match(p) for p in parts[1:]):
+        return False
+    ymd = tuple(int(p) for p in parts)
+    try:
+        date(*ymd, *(1,) * (3 - len(ymd)))
+    except ValueError:  # month 13, day 31 of a short month
+        return False
+    return since is None or ymd >= (since.year, since.month, since.day)[: len(ymd)]
 
 
 class Published(StrEnum):
@@ -89,6 +118,13 @@ class Destination(Protocol):
         """Remove the temporary files of copies to ``rel`` (``.NAME.*.rt-tmp`` in its
         directory), whatever their age: called by the holder of the claim on that file,
         after taking it over from a dead or stale owner, so no live copy writes them."""
+
+    def list_archive(self, since: date | None = None) -> Iterator[ArchiveEntry]:
+        """Every regular file (temporaries included) in the day directories (root/YYYY/MM/DD)
+        of days from ``since`` on, one listing per directory, in order; links are never
+        followed and other directories are not the archive's. Raises DestinationUnavailable
+        (or DestinationRefused) when the root or a directory of the tree cannot be read:
+        an audit must not take an unreadable day for an empty one."""
 
     def file_done(self) -> None:
         """The calling worker thread is finished with one file (connection reuse policy)."""

@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import date
 from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
 
@@ -29,8 +30,10 @@ from rawtransfer.destination.base import (
     FILE_MODE,
     SWEEP_DEPTH,
     TMP_SUFFIX,
+    ArchiveEntry,
     Published,
     full_message,
+    in_date_tree,
     is_temporary,
     temporaries_of,
 )
@@ -309,6 +312,51 @@ class LocalDestination:
             finally:
                 os.close(sub)
         return removed
+
+    # the archive's listing (raw-transfer audit) -----------------------------------------
+    def list_archive(self, since: date | None = None) -> Iterator[ArchiveEntry]:
+        if not self.root.is_dir():
+            raise DestinationUnavailable(f"{q(self.root)} is not an existing directory")
+        try:
+            with self._dir(()) as rootfd:
+                yield from self._list(rootfd, (), since)
+        except OSError as exc:
+            raise destination_error(f"listing {q(self.root)}: {exc.strerror or exc}", exc) from None
+
+    def _list(
+        self, dirfd: int, parts: tuple[str, ...], since: date | None
+    ) -> Iterator[ArchiveEntry]:
+        try:
+            with os.scandir(dirfd) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            where = q(self.root.joinpath(*parts))
+            raise destination_error(f"listing {where}: {exc.strerror or exc}", exc) from None
+        if len(parts) == 3:  # a day directory
+            for e in entries:
+                if not e.is_file(follow_symlinks=False):
+                    continue
+                try:
+                    st = e.stat(follow_symlinks=False)  # fstatat on dirfd: no path walk
+                except FileNotFoundError:
+                    continue  # a temporary file gone meanwhile
+                yield ArchiveEntry(PurePosixPath(*parts, e.name), st.st_size, st.st_mtime)
+            return
+        for e in entries:
+            sub = (*parts, e.name)
+            if not e.is_dir(follow_symlinks=False) or not in_date_tree(sub, since):
+                continue
+            try:
+                fd = os.open(e.name, _DIR_FLAGS, dir_fd=dirfd)
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                    continue  # removed, or replaced by a link, since the listing
+                where = q(self.root.joinpath(*sub))
+                raise destination_error(f"listing {where}: {exc.strerror}", exc) from None
+            try:
+                yield from self._list(fd, sub, since)
+            finally:
+                os.close(fd)
 
     def file_done(self) -> None:
         pass

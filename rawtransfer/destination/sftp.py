@@ -38,6 +38,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from datetime import date
 from fnmatch import fnmatchcase
 from functools import partial
 from pathlib import Path, PurePosixPath
@@ -72,8 +73,10 @@ from rawtransfer.destination.base import (
     FILE_MODE,
     SWEEP_DEPTH,
     TMP_SUFFIX,
+    ArchiveEntry,
     Published,
     full_message,
+    in_date_tree,
     is_temporary,
     temporaries_of,
 )
@@ -175,6 +178,11 @@ REQUEST_SIZE = 255 << 10
 READBACK_MAX = 1 << 20
 # Directories listed at once by a sweep of temporary files (each with its own handle).
 SWEEP_BATCH = 16
+# Directories listed at once by list_archive (each with its own handle; OpenSSH allows
+# hundreds). Measured through a relay adding 20 ms of round trip, 100 day directories of
+# 100 files: one at a time 6.8 s, 16 at once 0.72 s, 64 at once 0.42 s. On loopback the
+# batch hardly matters: 100,000 files take about 1.2 s, paramiko parsing the names.
+LIST_BATCH = 64
 # Servers that are not OpenSSH and do not announce their limits get the size every SFTP
 # server must accept.
 SAFE_REQUEST_SIZE = 32 << 10
@@ -221,8 +229,8 @@ class SftpDestination:
         persistent: bool = True,
     ) -> None:
         self.dest = dest
-        # --ssh-controlmaster: keep one connection per worker across files; without it a
-        # worker's connection is closed after each file, as upstream's scp calls did
+        # keep one connection per worker across files (the service always does; a
+        # connection per file, as upstream's scp calls had, costs a handshake per frame)
         self.persistent = persistent
         self.copy_timeout = copy_timeout
         self.target = resolve_target(
@@ -336,6 +344,40 @@ class SftpDestination:
             return removed
 
         return self._run(f"cleaning {q(os.fsdecode(parent))}", run, self.copy_timeout)
+
+    def list_archive(self, since: date | None = None) -> Iterator[ArchiveEntry]:
+        # one level at a time (years, months, days, then the days' files), LIST_BATCH
+        # directories per pipelined request: a few round trips per level, not per directory
+        level: list[tuple[bytes, tuple[str, ...]]] = [(os.fsencode(self.root), ())]
+        for depth in range(SWEEP_DEPTH + 1):
+            below: list[tuple[bytes, tuple[str, ...]]] = []
+            for i in range(0, len(level), LIST_BATCH):
+                chunk = level[i : i + LIST_BATCH]
+                paths = [p for p, _ in chunk]
+                listings = self._run(
+                    f"listing {q(os.fsdecode(paths[0]))}" + (" and others" if paths[1:] else ""),
+                    partial(_Connection.listdirs, paths=paths),
+                    self.copy_timeout,
+                )
+                for path, parts in chunk:
+                    listing = listings[path]
+                    if isinstance(listing, RemoteError):
+                        if listing.code != SFTP_NO_SUCH_FILE:
+                            shown = q(os.fsdecode(path))
+                            raise destination_error(f"listing {shown}: {listing.strerror}", listing)
+                        if depth == 0:
+                            raise DestinationUnavailable(f"{self.where} does not exist")
+                        continue  # removed since its parent was listed
+                    # the attributes are lstat's (OpenSSH): a link is neither file nor directory
+                    for raw, st in sorted(listing, key=lambda entry: entry[0]):
+                        name, mode = os.fsdecode(raw), st.st_mode or 0
+                        if depth == SWEEP_DEPTH:
+                            if stat.S_ISREG(mode):
+                                rel = PurePosixPath(*parts, name)
+                                yield ArchiveEntry(rel, st.st_size or 0, float(st.st_mtime or 0))
+                        elif stat.S_ISDIR(mode) and in_date_tree((*parts, name), since):
+                            below.append((posixpath.join(path, raw), (*parts, name)))
+            level = below
 
     def file_done(self) -> None:
         """The calling worker is finished with a file; close its connection unless kept."""

@@ -7,14 +7,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rawtransfer.config import SETTING_NAMES, load_toml, validate_metadata_regex
-from rawtransfer.errors import EXIT_USAGE, RawTransferError
-
-LATER = {
-    "status": "raw-transfer status arrives with the operators' issue",
-    "audit": "raw-transfer audit arrives with the operators' issue",
-    "why": "raw-transfer why FILE arrives with the operators' issue",
-}
+from rawtransfer.config import (
+    SETTING_NAMES,
+    Settings,
+    build,
+    load_toml,
+    validate_metadata_regex,
+)
+from rawtransfer.errors import RawTransferError
 
 
 def _db_parser() -> argparse.ArgumentParser:
@@ -39,11 +39,64 @@ def _retry_parser() -> argparse.ArgumentParser:
     return p
 
 
+def service_parser(
+    prog: str, description: str, usage: str | None = None, positionals: bool = True
+) -> argparse.ArgumentParser:
+    """A subcommand's parser that takes every one of the service's own arguments (an
+    operator pastes the unit's command line, or gives --config FILE); those the command
+    has no use for are accepted and ignored. ``positionals=False`` leaves SOURCE_DIR and
+    DEST out, for a command that takes something else (why FILE)."""
+    from rawtransfer.cli import _Parser, build_parser
+
+    parent = build_parser(add_help=False, positionals=positionals)
+    return _Parser(prog=prog, description=description, usage=usage, parents=[parent])
+
+
+def service_settings(ns: argparse.Namespace, own: tuple[str, ...]) -> Settings:
+    """Settings from the service's arguments (TOML, then flags), without the command's
+    ``own`` options."""
+    from rawtransfer.cli import _settings_values
+
+    values, _ = _settings_values(
+        argparse.Namespace(**{k: v for k, v in vars(ns).items() if k not in own})
+    )
+    return build(values)
+
+
+def _reap(args: list[str]) -> int:
+    from rawtransfer.ops.reap import add_arguments, run
+
+    p = service_parser(
+        "raw-transfer reap",
+        "Delete local files whose copies are done and verified, past --reap-after hours or "
+        "while the disk is fuller than --reap-when-disk-above; --dry-run lists them.",
+    )
+    add_arguments(p)
+    ns = p.parse_args(args)
+    try:
+        s = service_settings(ns, ("dry_run",))
+        return run(s, dry_run=ns.dry_run)
+    except RawTransferError as exc:
+        print(f"raw-transfer: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
 def run_subcommand(args: list[str]) -> int:
     name = args[0]
-    if name in LATER:
-        print(f"raw-transfer: error: {LATER[name]}", file=sys.stderr)
-        return EXIT_USAGE
+    if name == "audit":
+        from rawtransfer.ops import audit
+
+        return audit.main(args[1:])
+    if name == "status":
+        from rawtransfer.ops import status
+
+        return status.main(args[1:])
+    if name == "why":
+        from rawtransfer.ops import why
+
+        return why.main(args[1:])
+    if name == "reap":
+        return _reap(args[1:])
     ns = (_retry_parser() if name == "retry" else _db_parser()).parse_args(args[1:])
     values: dict[str, Any] = {}
     flags = vars(ns)

@@ -12,12 +12,14 @@ the original's before anything relies on it.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
-import shutil
 import subprocess
 import threading
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,27 +50,68 @@ def spool_name(spool: Path) -> Path:
     return spool / f".{uuid.uuid4().hex}.fits.fz{TMP_SUFFIX}"
 
 
-def pack(
+@dataclass(frozen=True)
+class Packed:
+    """A packed file in the spool, its SHA1, and the SHA1 of the raw bytes it came from
+    (both computed as the bytes went by: the raw file is read once for its hash and for
+    fpack, and the packed one is never read again to be hashed)."""
+
+    path: Path
+    sha1: str
+    raw_sha1: str
+
+
+def pack(source: Path, spool: Path, *, float_images: bool) -> Path:
+    """fpack ``source`` into a new, verified file in ``spool`` (see pack_hashed)."""
+    return pack_hashed(source, spool, float_images=float_images).path
+
+
+def pack_hashed(
     source: Path,
     spool: Path,
     *,
     float_images: bool,
     between: Callable[[], None] | None = None,
-) -> Path:
-    """fpack ``source`` into a new file in ``spool``, verify it, return its path.
+) -> Packed:
+    """fpack ``source`` into a new file in ``spool``, verify it, return it with hashes.
 
     The file goes to fpack on standard input and comes back on standard output: CFITSIO
     reads file *names* with its extended syntax (``x.fits[1]``, ``$VAR``, ``(out)``...),
-    so a camera's file name must never reach it. The output is written by this process,
-    not by fpack: fpack exits 0 even when its output could not be written (a full
-    spool), whereas here the write fails with ENOSPC and says so. ``between`` runs after
-    packing and before the proof (a fault point).
+    so a camera's file name must never reach it. Both ends are this process's: the raw
+    bytes are hashed as they are fed to fpack (one read instead of two), the packed bytes
+    as they arrive; and the output is written here, not by fpack, because fpack exits 0
+    even when its output could not be written (a full spool), whereas here the write
+    fails with ENOSPC and says so. ``between`` runs after packing and before the proof
+    (a fault point).
     """
     out = spool_name(spool)
     cmd = [*fpack_args(float_images), "-S", "-"]
+    raw_hash = hashlib.sha1(usedforsecurity=False)
+    packed_hash = hashlib.sha1(usedforsecurity=False)
+    feed_error: list[BaseException] = []
     try:
         with open(source, "rb") as inp, open(out, "xb") as outp:
-            proc = subprocess.Popen(cmd, stdin=inp, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+            assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+            stdin = proc.stdin
+
+            def feed() -> None:
+                try:
+                    while chunk := inp.read(CHUNK):
+                        raw_hash.update(chunk)
+                        stdin.write(chunk)
+                except BrokenPipeError:
+                    pass  # fpack stopped reading: its exit status says why
+                except BaseException as exc:  # handed to the caller
+                    feed_error.append(exc)
+                finally:
+                    with contextlib.suppress(OSError):
+                        stdin.close()
+
+            feeder = threading.Thread(target=feed, name="fpack-feed", daemon=True)
+            feeder.start()
             # a hung read (NFS) must give the worker its thread back
             timed_out = threading.Event()
 
@@ -78,9 +121,9 @@ def pack(
 
             timer = threading.Timer(FPACK_TIMEOUT, _kill)
             timer.start()
-            assert proc.stdout is not None and proc.stderr is not None
             try:
                 while chunk := proc.stdout.read(CHUNK):
+                    packed_hash.update(chunk)
                     outp.write(chunk)
                 outp.flush()
             except BaseException:
@@ -92,6 +135,9 @@ def pack(
                 err = proc.stderr.read()
                 proc.stderr.close()
                 code = proc.wait()
+                feeder.join()
+        if feed_error:
+            raise feed_error[0]
     except FileNotFoundError as exc:
         out.unlink(missing_ok=True)
         if exc.filename == "fpack":
@@ -114,20 +160,24 @@ def pack(
     except BaseException:
         out.unlink(missing_ok=True)
         raise
-    return out
+    return Packed(out, packed_hash.hexdigest(), raw_hash.hexdigest())
 
 
-def copy_to_spool(source: Path, spool: Path) -> Path:
+def copy_to_spool(source: Path, spool: Path) -> Packed:
     """A private copy of an already packed source, so that the bytes hashed, uploaded
-    and verified are one snapshot even if the source is rewritten meanwhile."""
+    and verified are one snapshot even if the source is rewritten meanwhile (hashed as
+    it is copied: the raw file is the packed one)."""
     out = spool_name(spool)
+    digest = hashlib.sha1(usedforsecurity=False)
     try:
         with open(source, "rb") as inp, open(out, "xb") as outp:
-            shutil.copyfileobj(inp, outp, CHUNK)
+            while chunk := inp.read(CHUNK):
+                digest.update(chunk)
+                outp.write(chunk)
     except BaseException:
         out.unlink(missing_ok=True)
         raise
-    return out
+    return Packed(out, digest.hexdigest(), digest.hexdigest())
 
 
 def _data_hdus(hdul: fits.HDUList) -> list[fits.hdu.base._BaseHDU]:

@@ -18,12 +18,19 @@ old mtime (``cp -p``, ``rsync -t``) or a version renamed in during a copy defeat
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import re
 import stat
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from rawtransfer.destination.local import fsync_dir
+from rawtransfer.names import q
 from rawtransfer.steps.settle import FileVanished, NotRegular
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -122,3 +129,66 @@ class Snapshot:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# A file renamed aside to be removed: ``.NAME.<12 hex>.rt-aside`` beside it.
+ASIDE_SUFFIX = ".rt-aside"
+_ASIDE_RE = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{12}" + re.escape(ASIDE_SUFFIX) + "$", re.DOTALL)
+
+
+def recover_asides(root: Path) -> int:
+    """Put back files left renamed aside by a process killed in remove_if_unchanged.
+
+    The one put aside may be a newer version that arrived at the last moment: it goes
+    back under its name (never over a file that is there now), and is judged again like
+    any file. Returns how many were put back.
+    """
+    restored = 0
+    for dirpath, _dirs, filenames in os.walk(root):
+        for aside in filenames:
+            m = _ASIDE_RE.match(aside)
+            if m is None:
+                continue
+            src, dst = Path(dirpath, aside), Path(dirpath, m.group("name"))
+            try:
+                os.link(src, dst)  # never over a file there now
+                src.unlink()
+                restored += 1
+                log.warning("put back %s, left aside by an interrupted removal", q(dst))
+            except FileExistsError:
+                log.error("%s and a file left aside as %s both exist: kept both", q(dst), q(src))
+            except OSError as exc:
+                log.error("cannot put back %s: %s", q(src), exc.strerror or exc)
+    return restored
+
+
+def remove_if_unchanged(path: Path, snap: Snapshot) -> bool:
+    """Unlink ``path`` only if it is still the snapshot's file, unchanged.
+
+    The file is first renamed to a hidden name in its directory (atomic, and no writer
+    opens that name), then its identity is compared: checking and then unlinking the
+    path itself would leave a moment in which a new version could be deleted.
+    """
+    if snap.changed() is not None:
+        log.warning("not removing %s: it changed since it was verified", q(path))
+        return False
+    aside = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}{ASIDE_SUFFIX}")
+    os.rename(path, aside)
+    now = current_identity(aside)
+    # the rename itself moves the ctime on: compare everything else
+    if now is not None and now.same_file_and_content(snap.identity):
+        aside.unlink()
+        fsync_dir(path.parent)
+        return True
+    # another file arrived at the last moment: put it back, never over a newer one
+    try:
+        os.link(aside, path)
+        aside.unlink()
+    except FileExistsError:
+        log.error(
+            "not removing %s: it changed meanwhile; the other version is kept as %s",
+            q(path),
+            q(aside.name),
+        )
+    log.warning("not removing %s: it changed since it was verified", q(path))
+    return False
