@@ -23,11 +23,11 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import start_http_server
 
 from rawtransfer.errors import ConfigError
+from rawtransfer.outcome import Outcome, Result
 from rawtransfer.queue import WorkQueue
 
 if TYPE_CHECKING:
     from rawtransfer.config import Settings
-    from rawtransfer.pipeline import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,6 @@ class Metrics(Recorder):
             yield
 
     def outcome(self, outcome: Outcome) -> None:
-        from rawtransfer.pipeline import Result  # the pipeline imports this module
 
         r = outcome.result
         if r == Result.DONE:

@@ -16,7 +16,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path, PurePosixPath
 
 from rawtransfer import faults
@@ -43,6 +42,7 @@ from rawtransfer.errors import (
 )
 from rawtransfer.metrics import Recorder
 from rawtransfer.names import cut, plural, q
+from rawtransfer.outcome import Outcome, Result
 from rawtransfer.spool import Spool, is_full
 from rawtransfer.steps import check, hashing, metadata, pack, place, settle
 from rawtransfer.steps.snapshot import Identity, Snapshot, current_identity
@@ -55,33 +55,6 @@ MIN_LEASE_SECONDS = 600.0
 # In watcher mode a file whose FITS headers declare more bytes than it has is waited for
 # (the writer may be slow); if it has not changed for this long it is truncated for good.
 STALL_SECONDS = 600.0
-
-
-class Result(StrEnum):
-    DONE = "done"
-    ALREADY_DONE = "already done"
-    DUPLICATE = "duplicate"
-    QUARANTINED = "quarantined"
-    FAILED = "failed"
-    SKIPPED = "skipped"  # not a regular file, or vanished: nothing to do
-    IGNORED = "ignored"  # never taken (empty, excluded): said once, at debug level
-    WAIT = "wait"  # still being written: look again after ``delay``
-    BUSY = "busy"  # the same content is in flight elsewhere: look again later
-    RETRY = "retry"  # a resource is away: back on the queue
-    CHANGED = "changed"  # the file changed while it was processed: look at it again
-
-
-@dataclass(frozen=True)
-class Outcome:
-    result: Result
-    path: Path
-    reason: str = ""
-    delay: float = 0.0
-    raw_size: int = 0
-    packed_size: int = 0
-    dest: str = ""
-    sha1: str = ""
-    again: bool = False  # done, but the path now holds another version: look again
 
 
 @dataclass

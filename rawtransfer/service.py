@@ -29,7 +29,8 @@ from rawtransfer.live import VERSION as LIVE_VERSION
 from rawtransfer.live import Publisher, catalog_label
 from rawtransfer.metrics import Recorder, start_metrics
 from rawtransfer.names import plural, q
-from rawtransfer.pipeline import MIN_LEASE_SECONDS, Context, Outcome, Result
+from rawtransfer.outcome import Outcome, Result
+from rawtransfer.pipeline import MIN_LEASE_SECONDS, Context
 from rawtransfer.progress import Progress
 from rawtransfer.queue import WorkQueue
 from rawtransfer.reap import REAP_INTERVAL, Reaper

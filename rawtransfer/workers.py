@@ -19,7 +19,8 @@ from pathlib import Path
 from rawtransfer.catalog.base import State
 from rawtransfer.errors import Kind, classify
 from rawtransfer.names import q
-from rawtransfer.pipeline import Context, Outcome, Result, process_one
+from rawtransfer.outcome import Outcome, Result
+from rawtransfer.pipeline import Context, process_one
 from rawtransfer.queue import Item, WorkQueue
 
 log = logging.getLogger(__name__)

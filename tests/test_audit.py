@@ -25,9 +25,9 @@ import pytest
 from rawtransfer import synth
 from rawtransfer.catalog.base import Catalog, FileFacts, Owner, utc_from_epoch
 from rawtransfer.catalog.sqlite import SqliteCatalog
-from rawtransfer.cli import _settings_values, build_parser
 from rawtransfer.config import build
 from rawtransfer.destination.base import ArchiveEntry, Destination, in_date_tree
+from rawtransfer.options import build_parser, settings_values
 from rawtransfer.service import make_catalog
 from rawtransfer.steps import hashing, pack
 from tests.conftest import Tree
@@ -88,7 +88,7 @@ def _open_catalog(b: Backend, tree: Tree, monkeypatch: pytest.MonkeyPatch) -> Ca
     ns = build_parser().parse_args(
         [str(tree.src), *b.dest_args, *b.catalog_args, "--metadata-regex", META]
     )
-    return make_catalog(build(_settings_values(ns)[0]))
+    return make_catalog(build(settings_values(ns)[0]))
 
 
 def _archive(tree: Tree) -> dict[str, str]:

@@ -18,7 +18,8 @@ from rawtransfer.catalog.base import Owner, State
 from rawtransfer.catalog.sqlite import SqliteCatalog
 from rawtransfer.config import build
 from rawtransfer.destination.local import LocalDestination
-from rawtransfer.pipeline import Context, Result, process_one
+from rawtransfer.outcome import Result
+from rawtransfer.pipeline import Context, process_one
 from rawtransfer.queue import WorkQueue
 from rawtransfer.spool import Spool
 from rawtransfer.workers import Pool, Stats

@@ -16,7 +16,7 @@ from rawtransfer import synth
 from rawtransfer.config import build
 from rawtransfer.errors import ConfigError
 from rawtransfer.metrics import FAILURE_KINDS, STEPS, Metrics, Recorder
-from rawtransfer.pipeline import Outcome, Result
+from rawtransfer.outcome import Outcome, Result
 from rawtransfer.queue import WorkQueue
 from tests.conftest import Tree
 from tests.helpers import run_rt, start_watcher, wait_for

@@ -17,7 +17,7 @@ import pytest
 
 from rawtransfer import synth
 from rawtransfer.names import plural
-from rawtransfer.pipeline import Outcome, Result
+from rawtransfer.outcome import Outcome, Result
 from rawtransfer.progress import Progress
 from rawtransfer.workers import Stats
 from tests.conftest import Tree

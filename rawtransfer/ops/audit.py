@@ -1062,7 +1062,7 @@ def run(
 
 
 def main(args: list[str]) -> int:
-    from rawtransfer.ops.commands import service_parser, service_settings
+    from rawtransfer.options import service_parser, service_settings
 
     p = service_parser(
         "raw-transfer audit",

@@ -10,7 +10,6 @@ from typing import Any
 from rawtransfer.config import (
     SETTING_NAMES,
     Settings,
-    build,
     load_toml,
     validate_metadata_regex,
 )
@@ -18,53 +17,30 @@ from rawtransfer.errors import RawTransferError
 
 
 def _db_parser() -> argparse.ArgumentParser:
-    from rawtransfer.cli import _add_common, _Parser
+    from rawtransfer.options import Parser, add_common
 
-    p = _Parser(prog="raw-transfer db", description="Create or upgrade the catalog table.")
+    p = Parser(prog="raw-transfer db", description="Create or upgrade the catalog table.")
     p.add_argument("action", choices=("init", "upgrade"))
-    _add_common(p)
+    add_common(p)
     return p
 
 
 def _retry_parser() -> argparse.ArgumentParser:
-    from rawtransfer.cli import _add_common, _Parser
     from rawtransfer.ops import retry
+    from rawtransfer.options import Parser, add_common
 
-    p = _Parser(
+    p = Parser(
         prog="raw-transfer retry",
         description="Ask for failed files to be tried again (recorded in their history).",
     )
     retry.add_arguments(p)
-    _add_common(p)
+    add_common(p)
     return p
-
-
-def service_parser(
-    prog: str, description: str, usage: str | None = None, positionals: bool = True
-) -> argparse.ArgumentParser:
-    """A subcommand's parser that takes every one of the service's own arguments (an
-    operator pastes the unit's command line, or gives --config FILE); those the command
-    has no use for are accepted and ignored. ``positionals=False`` leaves SOURCE_DIR and
-    DEST out, for a command that takes something else (why FILE)."""
-    from rawtransfer.cli import _Parser, build_parser
-
-    parent = build_parser(add_help=False, positionals=positionals)
-    return _Parser(prog=prog, description=description, usage=usage, parents=[parent])
-
-
-def service_settings(ns: argparse.Namespace, own: tuple[str, ...]) -> Settings:
-    """Settings from the service's arguments (TOML, then flags), without the command's
-    ``own`` options."""
-    from rawtransfer.cli import _settings_values
-
-    values, _ = _settings_values(
-        argparse.Namespace(**{k: v for k, v in vars(ns).items() if k not in own})
-    )
-    return build(values)
 
 
 def _reap(args: list[str]) -> int:
     from rawtransfer.ops.reap import add_arguments, run
+    from rawtransfer.options import service_parser, service_settings
 
     p = service_parser(
         "raw-transfer reap",
@@ -124,7 +100,6 @@ def run_subcommand(args: list[str]) -> int:
 
 
 def _retry(values: dict[str, Any], files: list[str], all_failed: bool) -> int:
-    from rawtransfer.config import Settings
     from rawtransfer.ops import retry
     from rawtransfer.service import make_catalog
 
@@ -141,7 +116,7 @@ def _retry(values: dict[str, Any], files: list[str], all_failed: bool) -> int:
 
 def _db(action: str, values: dict[str, Any]) -> int:
     from rawtransfer.catalog.sqlite import SqliteCatalog
-    from rawtransfer.config import IDENTIFIER_RE, Settings
+    from rawtransfer.config import IDENTIFIER_RE
     from rawtransfer.errors import ConfigError
 
     validate_metadata_regex(values.get("metadata_regex"))

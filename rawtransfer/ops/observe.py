@@ -17,9 +17,9 @@ def settings_from(ns: argparse.Namespace, own: tuple[str, ...]) -> Settings:
     """The service's settings from its arguments (TOML, then flags), leaving out the
     command's ``own`` options. SOURCE_DIR and DEST may be absent: neither command needs
     them, and every other flag is checked as the service would check it."""
-    from rawtransfer.cli import _settings_values
+    from rawtransfer.options import settings_values
 
-    values, _ = _settings_values(
+    values, _ = settings_values(
         argparse.Namespace(**{k: v for k, v in vars(ns).items() if k not in own})
     )
     for name in ("source_dir", "dest"):

@@ -38,7 +38,7 @@ LABEL_WIDTH = 20
 
 
 def parser() -> argparse.ArgumentParser:
-    from rawtransfer.ops.commands import service_parser
+    from rawtransfer.options import service_parser
 
     p = service_parser(
         "raw-transfer status",

@@ -32,7 +32,7 @@ _EPOCH = datetime(1970, 1, 1)
 
 
 def parser() -> argparse.ArgumentParser:
-    from rawtransfer.ops.commands import service_parser
+    from rawtransfer.options import service_parser
 
     p = service_parser(
         "raw-transfer why",
