@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rawtransfer.config import RemoteDest, parse_dest
 from rawtransfer.destination import sftp
-from rawtransfer.destination.sftp import SftpDestination, SshTarget, resolve_target
+from rawtransfer.destination.sftp import SftpDestination
+from rawtransfer.destination.ssh_target import SshTarget, resolve_target
 
 MB = 1_000_000
 

@@ -15,13 +15,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from rawtransfer.catalog.base import RESERVED_COLUMNS
+from rawtransfer.catalog.base import IDENTIFIER_RE, RESERVED_COLUMNS
 from rawtransfer.errors import ConfigError
 from rawtransfer.selection import read_rules
 
-# Table and column names are composed into SQL as identifiers; this is the only shape
-# accepted (PostgreSQL's unquoted identifiers, lower case, at most 63 characters).
-IDENTIFIER_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 # A FITS keyword: up to 8 upper-case letters, digits, hyphen or underscore.
 FITS_KEYWORD_RE = re.compile(r"^[A-Z0-9_-]{1,8}$")
 

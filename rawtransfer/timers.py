@@ -1,4 +1,5 @@
-"""Periodic threads of the service: canary, backfill (and, later, tidy).
+"""Periodic threads of the service: canary, backfill, backlog (tidy and reap have modules of
+their own).
 
 Each waits on the service's stop Event rather than sleeping, so shutdown is immediate,
 and can be poked to run at once (a failed copy pokes the canary; an inotify overflow

@@ -208,8 +208,9 @@ def test_claim_then_done_then_duplicate(backend: Backend) -> None:
         ("claimed", ""),
         ("done", "/archive/2026/11/24/t1_r12345_ut2.fits.fz"),
     ]
-    assert cat.source_state("/data/t1_r12345_ut2.fits") == State.DONE
-    assert cat.source_state("/data/never.fits") is None
+    done = cat.handled("/data/t1_r12345_ut2.fits")
+    assert done is not None and done.state == State.DONE
+    assert cat.handled("/data/never.fits") is None
 
 
 def test_takeover_after_lease_expired(backend: Backend) -> None:
@@ -262,7 +263,8 @@ def test_mark_failed(backend: Backend) -> None:
     cat.mark_failed(sha("e"), bad, State.QUARANTINED, "truncated", me)
     row = backend.row(sha("e"))
     assert row is not None and (row["state"], row["error"]) == ("quarantined", "truncated")
-    assert cat.source_state("/data/bad.fits") == State.QUARANTINED
+    bad_mark = cat.handled("/data/bad.fits")
+    assert bad_mark is not None and bad_mark.state == State.QUARANTINED
     # a claim on failed content says so; a claim we hold becomes failed with its reason
     assert cat.claim(sha("f"), facts("/data/f.fits"), me, LEASE).outcome == ClaimOutcome.CLAIMED
     cat.mark_failed(sha("f"), facts("/data/f.fits"), State.FAILED, "conflict", me)
@@ -300,15 +302,18 @@ def test_release(backend: Backend) -> None:
     assert res.outcome == ClaimOutcome.CLAIMED
 
 
-def test_record_event_and_source_state(backend: Backend) -> None:
+def test_record_event_and_the_latest_word(backend: Backend) -> None:
     cat = backend.make()
     me = Owner()
     cat.record_event(sha("j"), "/data/j.fits", State.RETRY, "catalog away", me)
-    assert cat.source_state("/data/j.fits") == State.RETRY
+    assert backend.events("/data/j.fits")[-1][0] == State.RETRY
+    assert cat.handled("/data/j.fits") is None  # a retry asked for: not handled
     cat.record_event(sha("j"), "/data/j.fits", State.DUPLICATE, "same as /data/k.fits", me)
-    assert cat.source_state("/data/j.fits") == State.DUPLICATE
+    mark = cat.handled("/data/j.fits")
+    assert mark is not None and mark.state == State.DUPLICATE
     cat.record_event(None, "/data/odd name 'x'; drop table cat.fits", State.FAILED, "odd", me)
-    assert cat.source_state("/data/odd name 'x'; drop table cat.fits") == State.FAILED
+    odd = cat.handled("/data/odd name 'x'; drop table cat.fits")
+    assert odd is not None and odd.state == State.FAILED
 
 
 def test_handled_sources(backend: Backend) -> None:
@@ -489,7 +494,9 @@ def test_upstream_table_drop_in(pg_server: PgServer, fresh_db: str) -> None:
         me = Owner()
         old = cat.claim(upstream_sha, facts("/data/t1_r100_ut2.fits"), me, LEASE)
         assert (old.outcome, old.filepath) == (ClaimOutcome.DONE, "/archive/t1_r100_ut2.fits.fz")
-        assert cat.source_state("/data/t1_r100_ut2.fits") == State.DONE
+        upstream_mark = cat.handled("/data/t1_r100_ut2.fits")
+        assert upstream_mark is not None and upstream_mark.state == State.DONE
+        assert upstream_mark.identity is None  # upstream rows: judged by time, as upstream
         since = utcnow() - timedelta(hours=1)
         assert "/data/t1_r100_ut2.fits" in cat.handled_sources(since)
         # a new frame fills upstream's integer columns from the regex groups
@@ -665,7 +672,7 @@ def test_hung_server_fails_calls_fast_and_recovers(pg_server: PgServer, pg_table
         with stopped(pg_server.postmaster_pid, *_backend_pids(pg_server)):
             for call in (
                 lambda: cat.claim(sha("w"), facts(), me, LEASE),
-                lambda: cat.source_state("/data/w.fits"),
+                lambda: cat.handled("/data/w.fits"),
                 cat.check,
             ):
                 t0 = time.monotonic()

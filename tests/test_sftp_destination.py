@@ -29,14 +29,9 @@ import pytest
 from rawtransfer.config import RemoteDest, parse_dest
 from rawtransfer.destination.base import TMP_SUFFIX, Destination, Published
 from rawtransfer.destination.local import LocalDestination
-from rawtransfer.destination.sftp import (
-    READBACK_MAX,
-    HostKeyRefused,
-    RemoteError,
-    SftpDestination,
-    is_connection_lost,
-    resolve_target,
-)
+from rawtransfer.destination.sftp import READBACK_MAX, SftpDestination
+from rawtransfer.destination.sftp_wire import RemoteError, is_connection_lost
+from rawtransfer.destination.ssh_target import HostKeyRefused, resolve_target
 from rawtransfer.errors import (
     ConfigError,
     DestinationConflict,

@@ -28,6 +28,8 @@ from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 from typing import Protocol
 
+from rawtransfer.errors import ConfigError
+
 
 class State(StrEnum):
     CLAIMED = "claimed"
@@ -68,6 +70,18 @@ EXTRA_COLUMNS = (
 RESERVED_COLUMNS = frozenset(
     {name for name, _ in (*UPSTREAM_COLUMNS, *EXTRA_COLUMNS)} | {"created_at"}
 )
+
+# Table and column names are composed into SQL as identifiers; this is the only shape
+# accepted (PostgreSQL's unquoted identifiers, lower case, at most 63 characters).
+IDENTIFIER_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def identifier(name: str) -> str:
+    """``name`` if it may be composed into SQL as an identifier; ConfigError if not."""
+    if not IDENTIFIER_RE.match(name):
+        raise ConfigError(f"{name!r} is not a lower-case SQL identifier")
+    return name
+
 
 # Outcomes after which a source file needs nothing more.
 TERMINAL = frozenset({State.DONE, State.FAILED, State.QUARANTINED, State.DUPLICATE})
@@ -352,9 +366,6 @@ class Catalog(Protocol):
 
     def check(self) -> None:
         """Raise CatalogUnavailable unless the catalog answers now."""
-
-    def source_state(self, source_filepath: str) -> State | None:
-        """The latest recorded outcome for this source path, if any."""
 
     def handled(self, source_filepath: str) -> Handled | None:
         """The path's latest record if that is terminal (done, duplicate, failed,

@@ -6,8 +6,8 @@ differs is what a network database needs: a pool whose connections are checked b
 use (a database restart costs a reconnect, not a file), a client-side deadline on every
 call (a hung server fails the call instead of hanging a worker), row locks with
 ``SKIP LOCKED`` so exactly one host takes over a stale claim, and no DDL in the service
-(it needs only SELECT, INSERT, UPDATE and DELETE; ``init_schema``/``upgrade_schema``
-are run by an operator through ``raw-transfer db init|upgrade``).
+(it needs only SELECT, INSERT and UPDATE; ``init_schema``/``upgrade_schema`` are run
+by an operator through ``raw-transfer db init|upgrade``).
 
 Passwords come from ``~/.pgpass`` (or ``PGPASSFILE``) or ``PGPASSWORD``, read by libpq;
 they are never accepted in a DSN, and error texts are scrubbed of ``password=`` anyway.
@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -50,12 +50,12 @@ from rawtransfer.catalog.base import (
     Row,
     State,
     VerifiedCopy,
+    identifier,
     judge_existing,
     merge_handled,
     resolve_history,
     utcnow,
 )
-from rawtransfer.config import IDENTIFIER_RE, Settings
 from rawtransfer.errors import (
     CatalogRefused,
     CatalogUnavailable,
@@ -150,9 +150,29 @@ def redact(text: str) -> str:
 
 
 def _name(name: str) -> sql.Identifier:
-    if not IDENTIFIER_RE.match(name):
-        raise ConfigError(f"{name!r} is not a lower-case SQL identifier")
-    return sql.Identifier(name)
+    return sql.Identifier(identifier(name))
+
+
+class PgSettings(Protocol):
+    """The settings the PostgreSQL catalog reads (config.Settings has them all; the
+    catalog does not import the configuration)."""
+
+    @property
+    def db_host(self) -> str | None: ...
+    @property
+    def db_port(self) -> int: ...
+    @property
+    def db_user(self) -> str | None: ...
+    @property
+    def db_name(self) -> str | None: ...
+    @property
+    def db_dsn(self) -> str | None: ...
+    @property
+    def db_table(self) -> str: ...
+    @property
+    def workers(self) -> int: ...
+    @property
+    def metadata_columns(self) -> tuple[str, ...]: ...
 
 
 def _message(exc: BaseException) -> str:
@@ -172,7 +192,7 @@ class PgTarget:
     description: str
 
     @classmethod
-    def from_settings(cls, s: Settings) -> PgTarget:
+    def from_settings(cls, s: PgSettings) -> PgTarget:
         return cls.build(s.db_host, s.db_port, s.db_user, s.db_name, s.db_dsn)
 
     @classmethod
@@ -369,7 +389,7 @@ class PostgresCatalog:
         log.info("catalog: %s table %s", target.description, table)
 
     @classmethod
-    def from_settings(cls, s: Settings) -> PostgresCatalog:
+    def from_settings(cls, s: PgSettings) -> PostgresCatalog:
         # one connection per worker, plus the canary and the scans
         return cls(PgTarget.from_settings(s), s.db_table, s.metadata_columns, s.workers + 2)
 
@@ -464,16 +484,6 @@ class PostgresCatalog:
     # the protocol --------------------------------------------------------------------
     def check(self) -> None:
         self._run("check", lambda c: c.execute("select 1").fetchone())
-
-    def source_state(self, source_filepath: str) -> State | None:
-        q = sql.SQL(
-            "select coalesce("
-            "(select state from {t} where source_filepath = %(src)s and state = 'done' "
-            "limit 1), "
-            "(select state from {ev} where source_filepath = %(src)s order by id desc limit 1))"
-        ).format(t=self.t, ev=self.ev)
-        row = self._run("source_state", lambda c: c.execute(q, {"src": source_filepath}).fetchone())
-        return State(row[0]) if row and row[0] is not None else None
 
     def handled(self, source_filepath: str) -> Handled | None:
         q = sql.SQL(

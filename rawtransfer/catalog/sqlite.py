@@ -30,13 +30,13 @@ from rawtransfer.catalog.base import (
     Row,
     State,
     VerifiedCopy,
+    identifier,
     judge_existing,
     merge_handled,
     resolve_history,
     utcnow,
 )
-from rawtransfer.config import IDENTIFIER_RE
-from rawtransfer.errors import CatalogUnavailable, ConfigError, catalog_error
+from rawtransfer.errors import CatalogUnavailable, catalog_error
 
 # Another process on this host (a backfill run beside the service) may hold the write
 # lock for a moment; half a minute is far longer than any statement here takes.
@@ -58,9 +58,7 @@ _EVENT_LOOKUP = ("sha1_hash", "source_filepath", "name")
 
 
 def _ident(name: str) -> str:
-    if not IDENTIFIER_RE.match(name):
-        raise ConfigError(f"{name!r} is not a lower-case SQL identifier")
-    return f'"{name}"'
+    return f'"{identifier(name)}"'
 
 
 def _ts(value: datetime | None) -> str | None:
@@ -167,20 +165,6 @@ class SqliteCatalog:
     def check(self) -> None:
         with self._lock:
             self._x("select 1").fetchone()
-
-    def source_state(self, source_filepath: str) -> State | None:
-        with self._lock:
-            row = self._x(
-                f"select state from {self.t} where source_filepath = ? and state = 'done' limit 1",
-                (source_filepath,),
-            ).fetchone()
-            if row:
-                return State.DONE
-            row = self._x(
-                f"select state from {self.ev} where source_filepath = ? order by id desc limit 1",
-                (source_filepath,),
-            ).fetchone()
-        return State(row[0]) if row else None
 
     def handled(self, source_filepath: str) -> Handled | None:
         with self._lock:

@@ -84,7 +84,6 @@ from rawtransfer.destination.sftp_wire import (
     FSYNC,
     HARDLINK,
     LIMITS,
-    STATVFS,
     RemoteError,
     _Connection,
     _SFTPClient,
@@ -92,9 +91,7 @@ from rawtransfer.destination.sftp_wire import (
 )
 from rawtransfer.destination.ssh_target import (
     HostKeyRefused,
-    SshTarget,
     changed_host_key_message,
-    default_known_hosts,
     default_ssh_config,
     resolve_target,
     trust_known_hosts,
@@ -110,36 +107,6 @@ from rawtransfer.errors import (
     destination_error,
 )
 from rawtransfer.names import q
-
-__all__ = [
-    "AUTH_TIMEOUT",
-    "BANNER_TIMEOUT",
-    "CLEANUP_TIMEOUT",
-    "CONNECT_TIMEOUT",
-    "FSYNC",
-    "GUARD_TICK",
-    "HARDLINK",
-    "KEEPALIVE_INTERVAL",
-    "LIMITS",
-    "MAX_IN_FLIGHT",
-    "PREFERRED_CIPHERS",
-    "PREFERRED_KEX",
-    "READBACK_MAX",
-    "REQUEST_SIZE",
-    "SAFE_REQUEST_SIZE",
-    "STATVFS",
-    "SWEEP_BATCH",
-    "TCP_NODELAY",
-    "WINDOW_SIZE",
-    "HostKeyRefused",
-    "RemoteError",
-    "SftpDestination",
-    "SshTarget",
-    "default_known_hosts",
-    "default_ssh_config",
-    "is_connection_lost",
-    "resolve_target",
-]
 
 log = logging.getLogger(__name__)
 

@@ -115,8 +115,8 @@ def _retry(values: dict[str, Any], files: list[str], all_failed: bool) -> int:
 
 
 def _db(action: str, values: dict[str, Any]) -> int:
+    from rawtransfer.catalog.base import IDENTIFIER_RE
     from rawtransfer.catalog.sqlite import SqliteCatalog
-    from rawtransfer.config import IDENTIFIER_RE
     from rawtransfer.errors import ConfigError
 
     validate_metadata_regex(values.get("metadata_regex"))
