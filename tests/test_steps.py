@@ -337,3 +337,15 @@ def test_pack_hashes_both_ends_as_the_bytes_go_by(tmp_path: Path) -> None:
     assert r.sha1 == hashing.sha1_file(r.path)
     c = pack.copy_to_spool(r.path, tmp_path)
     assert c.sha1 == c.raw_sha1 == r.sha1
+
+
+def test_verify_catches_a_scaling_card_changed_in_the_packed_file(tmp_path: Path) -> None:
+    p = synth.write_frame(tmp_path / "z.fits", (64, 64), seed=4)
+    out = pack.pack(p, tmp_path, float_images=False)
+    data = out.read_bytes()
+    at = data.index(b"BZERO   =")
+    card = f"{'BZERO   =':<10s}{32767:>20d}".ljust(80).encode()
+    bad = tmp_path / "bzero.fz"
+    bad.write_bytes(data[:at] + card + data[at + 80 :])
+    with pytest.raises(PackError, match="BZERO"):
+        pack.verify_packed(p, bad)
