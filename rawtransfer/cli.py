@@ -31,6 +31,9 @@ def _fail(message: str, code: int = EXIT_USAGE) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if not args:  # the usage, not only an error
+        build_parser().print_usage(sys.stderr)
+        return EXIT_USAGE
     if args and args[0] in SUBCOMMANDS:
         from rawtransfer.ops.commands import run_subcommand
 

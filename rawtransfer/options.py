@@ -94,6 +94,19 @@ def add_common(p: argparse.ArgumentParser) -> None:
     )
 
 
+# The service and every subcommand, as `raw-transfer --help` (and a bare `raw-transfer`)
+# shows them; each subcommand's own --help has the details.
+USAGE = """\
+raw-transfer SOURCE_DIR DEST [options]           watch and transfer (or --backfill-only)
+       raw-transfer status [SOURCE_DIR DEST] [options] [--json]
+       raw-transfer audit SOURCE_DIR DEST [options] [--since DATE] [--deep] [--repair] [--json]
+       raw-transfer why FILE [options] [--json]
+       raw-transfer retry FILE... | --all-failed [options]
+       raw-transfer reap SOURCE_DIR DEST [options] [--dry-run]
+       raw-transfer db init|upgrade [options]
+       (options: the service's own; --config FILE gives them all)"""
+
+
 def build_parser(add_help: bool = True, positionals: bool = True) -> argparse.ArgumentParser:
     """The service's parser; with ``add_help=False``, a parent for the subcommands that
     take the service's own arguments (so that the unit's command line can be pasted);
@@ -107,6 +120,7 @@ def build_parser(add_help: bool = True, positionals: bool = True) -> argparse.Ar
         epilog=HELP_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         add_help=add_help,
+        usage=USAGE if add_help else None,
     )
     if positionals:
         p.add_argument(

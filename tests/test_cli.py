@@ -219,3 +219,14 @@ def test_watcher_flags_without_effect_in_a_one_off_run_are_announced(tree: Tree)
     (line,) = [ln for ln in r.stderr.splitlines() if "no effect in a one-off run" in ln]
     assert "--canary-interval" in line and "--overwrite-unpacked-hours" in line
     assert "--workers" not in line
+
+
+def test_help_lists_every_subcommand_and_no_arguments_prints_the_usage() -> None:
+    from rawtransfer.cli import SUBCOMMANDS
+
+    bare = run_rt()
+    assert bare.returncode == 2 and bare.stderr.startswith("usage: raw-transfer")
+    helped = run_rt("--help")
+    assert helped.returncode == 0
+    for word in SUBCOMMANDS:
+        assert f"raw-transfer {word} " in bare.stderr and f"raw-transfer {word} " in helped.stdout
