@@ -18,6 +18,9 @@ if [ "${RAWTRANSFER_SETUP_SERVERS:-1}" = 1 ]; then
   command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
   # the fault suite moves the service's clock around the backfill windows
   command -v faketime >/dev/null 2>&1 || need+=(faketime)
+  # the benchmarks' baselines (python -m benchmarks, and its smoke test) use scp and rsync
+  command -v scp >/dev/null 2>&1 || need+=(openssh-client)
+  command -v rsync >/dev/null 2>&1 || need+=(rsync)
 fi
 PY="${PYTHON:-python3}"
 if ! command -v "$PY" >/dev/null 2>&1; then need+=(python3 python3-venv); PY=python3; fi

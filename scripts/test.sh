@@ -3,8 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-echo "== ruff"; .venv/bin/ruff check rawtransfer tests
-.venv/bin/ruff format --check rawtransfer tests
+echo "== ruff"; .venv/bin/ruff check rawtransfer tests benchmarks
+.venv/bin/ruff format --check rawtransfer tests benchmarks
 echo "== mypy"; .venv/bin/mypy
 echo "== pytest"
 exec .venv/bin/python -m pytest -p no:cacheprovider "$@"
