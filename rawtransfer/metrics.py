@@ -61,6 +61,9 @@ class Recorder:
     def given_up(self) -> None:
         """A file left not done (a one-off run gives up after a few attempts)."""
 
+    def reaped(self, size: int) -> None:
+        """A local file deleted after its archive copy was verified (reap.py)."""
+
     def resources(self, down: Callable[[], Iterable[str]]) -> None:
         """Where to read which resources are unavailable (the canary and the source)."""
 
@@ -145,6 +148,14 @@ class Metrics(Recorder):
         )
         for name in STEPS:
             self.steps.labels(name)
+        self.reaped_files = Counter(
+            "rawtransfer_reaped_files",
+            "Local files deleted after their archive copy was verified (reaping).",
+            registry=r,
+        )
+        self.reaped_bytes = Counter(
+            "rawtransfer_reaped_bytes", "Bytes freed on the local disk by reaping.", registry=r
+        )
         self.last_success = Gauge(
             "rawtransfer_last_success_timestamp_seconds",
             "Unix time of the last file done (0 until the first one in this process).",
@@ -178,6 +189,10 @@ class Metrics(Recorder):
 
     def given_up(self) -> None:
         self.failures.labels("given_up").inc()
+
+    def reaped(self, size: int) -> None:
+        self.reaped_files.inc()
+        self.reaped_bytes.inc(size)
 
     def resources(self, down: Callable[[], Iterable[str]]) -> None:
         self._live.down = down

@@ -34,6 +34,7 @@ from rawtransfer.catalog.base import Catalog, Owner, State, VerifiedCopy
 from rawtransfer.config import Settings
 from rawtransfer.destination.base import Destination
 from rawtransfer.errors import ResourceUnavailable
+from rawtransfer.metrics import Recorder
 from rawtransfer.names import q
 from rawtransfer.steps import hashing
 from rawtransfer.steps.settle import FileVanished, NotRegular
@@ -121,7 +122,9 @@ class Reaper:
         destination: Destination,
         alerter: Alerter | None = None,
         owner: Owner | None = None,
+        metrics: Recorder | None = None,
     ) -> None:
+        self.metrics = metrics or Recorder()
         self.s = settings
         self.matcher = matcher
         self.catalog = catalog
@@ -195,9 +198,10 @@ class Reaper:
             log.error("not reaping %s: %s", q(c.path), exc.strerror or exc)
             report.kept.append((c.path, exc.strerror or str(exc)))
             return False
-        reason = f"deleted locally ({why}); archive copy {c.copy.filepath} verified"
+        reason = f"deleted locally, {c.size} bytes ({why}); archive copy {c.copy.filepath} verified"
         self.catalog.record_event(c.copy.sha1, str(c.path), State.REAPED, reason, self.owner)
         log.info("reaped %s (%d bytes, %s)", q(c.path), c.size, why)
+        self.metrics.reaped(c.size)
         report.deleted.append((c, why))
         report.freed += c.size
         return True

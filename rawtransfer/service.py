@@ -354,7 +354,9 @@ class Service:
         )
         threads = [canary_timer, backfill_timer, rescan, backlog, sweep]
         if s.reaps:
-            reaper = Reaper(s, matcher, ctx.catalog, ctx.destination, alerter, ctx.owner)
+            reaper = Reaper(
+                s, matcher, ctx.catalog, ctx.destination, alerter, ctx.owner, self.metrics
+            )
             threads.append(Periodic("reap", REAP_INTERVAL, reaper, self.stop))
         if not s.keep_source:
             threads.append(

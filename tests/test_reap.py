@@ -176,3 +176,33 @@ def test_disk_pressure_deletes_oldest_first_until_below(tree: Tree, small_source
     high = run_rt("reap", small_source, tree.dest, "--reap-when-disk-above", "1", *state)
     assert "nothing more may be deleted" in high.stderr, high.stderr
     assert all(p.exists() for p in waiting)
+
+
+def test_reaping_is_counted_in_the_metrics_and_shown_by_why(tree: Tree) -> None:
+    from rawtransfer.catalog.sqlite import SqliteCatalog
+    from rawtransfer.config import build
+    from rawtransfer.destination.local import LocalDestination
+    from rawtransfer.metrics import Metrics
+    from rawtransfer.queue import WorkQueue
+    from rawtransfer.reap import Reaper
+    from rawtransfer.service import make_matcher
+
+    files = synth.night(tree.src, 2, (64, 48))
+    tree.settled()
+    assert run_rt(tree.src, tree.dest, "--backfill-only", "--state-dir", tree.state).returncode == 0
+    s = build(
+        {"source_dir": str(tree.src), "dest": str(tree.dest), "state_dir": str(tree.state),
+         "keep_source": True, "reap_after": 0.0}
+    )  # fmt: skip
+    metrics = Metrics(WorkQueue())
+    cat = SqliteCatalog(tree.state / "catalog.sqlite3", "rawtransfer")
+    try:
+        report = Reaper(s, make_matcher(s), cat, LocalDestination(tree.dest), metrics=metrics)()
+    finally:
+        cat.close()
+    assert len(report.deleted) == 2 and not any(p.exists() for p in files)
+    value = metrics.registry.get_sample_value
+    assert value("rawtransfer_reaped_files_total") == 2
+    assert value("rawtransfer_reaped_bytes_total") == sum(c.size for c, _ in report.deleted)
+    why = run_rt("why", files[0].name, "--state-dir", tree.state)
+    assert "reaped" in why.stdout and "deleted locally" in why.stdout, why.stdout

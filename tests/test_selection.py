@@ -16,6 +16,7 @@ from rawtransfer.selection import Selection, read_rules
 from rawtransfer.watch import Matcher, scan
 from tests.conftest import Tree
 from tests.helpers import run_rt, sqlite_rows, start_watcher, wait_for
+from tests.test_backends_e2e import make_backend
 
 RULES = (
     "# calibration frames are archived by another pipeline",
@@ -131,19 +132,20 @@ def test_scan_skips_excluded_directories_without_listing_them(tmp_path: Path) ->
     assert found == ["night/b.fits", "night/c.fits"]
 
 
-def test_excluded_files_are_never_queued_by_a_run(tree: Tree) -> None:
+@pytest.mark.parametrize("combo", ["sqlite-local", "postgres-ssh"])
+def test_excluded_files_are_never_queued_by_a_run(
+    request: pytest.FixtureRequest, tree: Tree, combo: str
+) -> None:
+    backend = make_backend(request, tree, *combo.split("-"))
     (tree.src / "calib").mkdir()
     keep = synth.write_frame(tree.src / "t1.fits", (32, 32))
     synth.write_frame(tree.src / "calib" / "bias.fits", (32, 32), seed=1)
     synth.write_frame(tree.src / "t1_test.fits", (32, 32), seed=2)
     tree.settled()
-    r = run_rt(
-        tree.src, tree.dest, "--backfill-only", "--state-dir", tree.state,
-        "--exclude", "calib/", "--exclude", "*_test.fits",
-    )  # fmt: skip
+    r = backend.run(tree.src, "--backfill-only", "--exclude", "calib/", "--exclude", "*_test.fits")
     assert r.returncode == 0, r.stdout + r.stderr
-    rows = sqlite_rows(tree.state / "catalog.sqlite3")
-    assert [r_["source_filepath"] for r_ in rows] == [str(keep)]
+    assert [r_["source_filepath"] for r_ in backend.rows()] == [str(keep)]
+    assert [p.name for p in tree.dest.rglob("*.fz")] == ["t1.fits.fz"]
     bad = run_rt(tree.src, tree.dest, "--backfill-only", "--exclude", "[oops")
     assert bad.returncode == 2 and "unclosed" in bad.stderr
 
