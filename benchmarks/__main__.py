@@ -28,12 +28,20 @@ from benchmarks.measure import RunFailed, machine
 from benchmarks.remote import ControlMaster, Remote, scratch_sshd
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+# A run during which other processes (another user's test suite on a shared host) took
+# more than this share of the machine is measured again, keeping the least disturbed...
+DISTURBED = report.DISTURBED
+# ... at most this many times in all, and only runs shorter than this (the long ones,
+# the chains on small frames, are far from any target and would take minutes each).
+MAX_ATTEMPTS = 3
+REPEAT_UNDER_S = 20.0
 
 
 @dataclass(frozen=True)
 class Plan:
     sizes: tuple[data.Size, ...]
     latency_runs: int  # frames of the middle size sent to an idle watcher, per destination
+    idle_s: float  # how long the watcher is left idle before each of them
     scan_counts: tuple[int, ...]
     queued: int  # files queued for the memory figure (the largest scan tree is reused)
 
@@ -45,6 +53,7 @@ FULL = Plan(
         data.Size("100KB", "100 KB (224 x 224, 16-bit)", (224, 224), 200),
     ),
     latency_runs=6,
+    idle_s=targets.IDLE_SECONDS,
     scan_counts=(10_000, 100_000),
     queued=100_000,
 )
@@ -55,6 +64,7 @@ QUICK = Plan(
         data.Size("100KB", "100 KB (224 x 224, 16-bit)", (224, 224), 6),
     ),
     latency_runs=2,
+    idle_s=0.3,
     scan_counts=(1_000, 2_000),
     queued=2_000,
 )
@@ -95,39 +105,70 @@ class Bench:
     def one(
         self, size: data.Size, dest: str, method: str, body: Callable[[methods.Run], None]
     ) -> None:
-        run = methods.Run(size.key, dest, method, size.count, size.nbytes * size.count)
-        self.runs.append(run)
-        try:
-            body(run)
-        except (RunFailed, OSError, subprocess.SubprocessError) as exc:
-            run.error = str(exc)
-            self.errors.append(f"{size.key} {dest} {method}: {exc}")
-            print(f"  FAILED {size.key} {dest} {method}: {exc}", flush=True)
-            return
+        """Measure one run; again (up to MAX_ATTEMPTS) while other processes took more
+        than DISTURBED of the machine meanwhile and the run is short enough to repeat,
+        keeping the least disturbed attempt."""
+        best: methods.Run | None = None
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            run = methods.Run(size.key, dest, method, size.count, size.nbytes * size.count)
+            try:
+                body(run)
+            except (RunFailed, OSError, subprocess.SubprocessError) as exc:
+                run.error = str(exc)
+                self.errors.append(f"{size.key} {dest} {method}: {exc}")
+                print(f"  FAILED {size.key} {dest} {method}: {exc}", flush=True)
+                self.runs.append(run)
+                return
+            run.attempts = attempt
+            self._show(run)
+            if best is None or run.others_share < best.others_share:
+                best = run
+            if run.others_share <= DISTURBED or run.usage.wall_s > REPEAT_UNDER_S:
+                break
+            print(f"    (others took {run.others_share:.0%} of the machine: again)", flush=True)
+        assert best is not None
+        self.runs.append(best)
+
+    def _show(self, run: methods.Run) -> None:
         r = run.as_dict()
         server = f" (sshd {r['server_cpu_s']:.2f} s)" if r["server_cpu_s"] is not None else ""
+        each = f"{r['ms_per_file']:9.1f} ms/file" if r["ms_per_file"] else " " * 17
         print(
-            f"  {size.key:>6} {dest:<5} {method[:60]:<60} {r['wall_s']:8.2f} s "
-            f"{r['ms_per_file']:9.1f} ms/file  CPU {r['total_cpu_s']:7.2f} s{server}",
+            f"  {run.size:>8} {run.dest:<5} {run.method[:60]:<60} {r['wall_s']:8.2f} s "
+            f"{each}  CPU {r['total_cpu_s']:7.2f} s{server}",
             flush=True,
         )
+
+    def rt(self, src: Path, dest: str, flags: list[str]) -> Callable[[methods.Run], None]:
+        """A raw-transfer run from ``src`` to a fresh archive, local or over SSH."""
+        base, w, remote = self.tmp / "runs", self.workers, self.remote
+
+        def body(run: methods.Run) -> None:
+            with methods.scratch(base / "state") as state:
+                if dest == "local":
+                    with methods.scratch(base / "archive") as archive:
+                        methods.raw_transfer(run, src, str(archive), state, w, flags)
+                else:
+                    with methods.scratch(remote.scratch / "archive") as archive:
+                        target, ssh_flags = remote.dest(archive), remote.raw_transfer_flags()
+                        flags2 = [*ssh_flags, *flags]
+                        methods.raw_transfer(run, src, target, state, w, flags2, remote.pid)
+
+        return body
+
+    def startup(self) -> None:
+        """raw-transfer's fixed cost (start, checks, an empty scan, exit), per destination:
+        what a one-off run's figures per file carry on top of the files themselves."""
+        empty = self.tmp / "empty-source"
+        empty.mkdir(exist_ok=True)
+        size = data.Size(report.STARTUP, "an empty source", (0, 0), 0)
+        self.one(size, "local", report.RT, self.rt(empty, "local", []))
+        self.one(size, "ssh", report.RT, self.rt(empty, "ssh", []))
 
     def matrix(self, size: data.Size, frames: list[Path]) -> None:
         src, w, remote = frames[0].parent, self.workers, self.remote
         base = self.tmp / "runs"
-
-        def rt(dest: str, flags: list[str], server: int | None) -> Callable[[methods.Run], None]:
-            def body(run: methods.Run) -> None:
-                with methods.scratch(base / "state") as state:
-                    if dest == "local":
-                        with methods.scratch(base / "archive") as archive:
-                            methods.raw_transfer(run, src, str(archive), state, w, flags)
-                    else:
-                        with methods.scratch(remote.scratch / "archive") as archive:
-                            target = remote.dest(archive)
-                            methods.raw_transfer(run, src, target, state, w, flags, server)
-
-            return body
+        rt = partial(self.rt, src)
 
         def fpack(run: methods.Run) -> None:
             with methods.scratch(base / "spool") as spool:
@@ -156,11 +197,9 @@ class Bench:
             with methods.scratch(remote.scratch / "archive") as a:
                 methods.rsync_ssh(run, src, remote, a)
 
-        ssh_flags = remote.raw_transfer_flags()
-        self.one(size, "local", report.RT, rt("local", [], None))
-        self.one(size, "ssh", report.RT, rt("ssh", ssh_flags, remote.pid))
-        cm_flags = [*ssh_flags, "--ssh-controlmaster"]
-        self.one(size, "ssh", report.RT_CM, rt("ssh", cm_flags, remote.pid))
+        self.one(size, "local", report.RT, rt("local", []))
+        self.one(size, "ssh", report.RT, rt("ssh", []))
+        self.one(size, "ssh", report.RT_CM, rt("ssh", ["--ssh-controlmaster"]))
         self.one(size, "any", report.FPACK, fpack)
         self.one(size, "local", report.CHAIN_LOCAL, chain_local)
         self.one(size, "ssh", report.CHAIN_NEW, chain_ssh(False))
@@ -206,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         with scratch_sshd(tmp / "sshd") as remote:
             bench = Bench(tmp, a.workers, remote)
             frames: dict[str, list[Path]] = {}
+            if "matrix" not in a.skip:
+                bench.startup()
             for size in plan.sizes:
                 t0 = time.monotonic()
                 frames[size.key] = data.write_frames(tmp / "frames" / size.key, size)
@@ -224,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
                 for dest, flags, dest_for in ways:
                     print(f"latency, idle watcher, {dest}: {len(middle)} frames", flush=True)
                     lat = bench.measure(
-                        f"latency {dest}", partial(targets.latency, middle, tmp, dest_for, flags)
+                        f"latency {dest}",
+                        partial(targets.latency, middle, tmp, dest_for, flags, plan.idle_s),
                     )
                     if lat:
                         latency[dest] = lat

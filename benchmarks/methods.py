@@ -38,6 +38,14 @@ class Run:
     raw_bytes: int
     usage: Usage = field(default_factory=Usage)
     error: str | None = None
+    attempts: int = 1
+
+    @property
+    def others_share(self) -> float:
+        """The share of the machine's CPU that other processes took during the run."""
+        u = self.usage
+        capacity = (os.cpu_count() or 1) * u.wall_s
+        return (u.others_cpu_s or 0.0) / capacity if capacity else 0.0
 
     @property
     def ok(self) -> bool:
@@ -54,14 +62,16 @@ class Run:
             "files": self.files,
             "raw_mb": round(self.raw_bytes / 1e6, 1),
             "wall_s": round(u.wall_s, 3),
-            "ms_per_file": round(u.wall_s / self.files * 1000, 2),
-            "mb_per_s": round(self.raw_bytes / 1e6 / u.wall_s, 1) if u.wall_s else None,
+            "ms_per_file": round(u.wall_s / self.files * 1000, 2) if self.files else None,
+            "mb_per_s": round(self.raw_bytes / 1e6 / u.wall_s, 1) if self.raw_bytes else None,
             "cpu_s": round(u.cpu_s, 3),
             "server_cpu_s": None if u.server_cpu_s is None else round(u.server_cpu_s, 3),
             "total_cpu_s": round(u.total_cpu_s, 3),
-            "cpu_per_file_s": round(u.total_cpu_s / self.files, 4),
+            "cpu_per_file_s": round(u.total_cpu_s / self.files, 4) if self.files else None,
             "peak_rss_mib": None if u.peak_rss_mib is None else round(u.peak_rss_mib, 1),
             "others_cpu_s": None if u.others_cpu_s is None else round(u.others_cpu_s, 2),
+            "others_share": round(self.others_share, 3),
+            "attempts": self.attempts,
         }
         if len(samples) >= 8:  # enough to compare the start of a run with its end
             out["rss_first_quarter_mib"] = round(max(samples[:quarter]), 1)

@@ -116,7 +116,11 @@ def p99(samples: list[float]) -> float:
 
 
 def latency(
-    frames: list[Path], work: Path, dest_for: Callable[[Path], str], flags: list[str]
+    frames: list[Path],
+    work: Path,
+    dest_for: Callable[[Path], str],
+    flags: list[str],
+    idle: float = IDLE_SECONDS,
 ) -> dict[str, object]:
     """Closed-to-verified latency of an idle watcher (2 workers), one frame at a time,
     against the time each frame takes alone in a one-off run."""
@@ -131,7 +135,7 @@ def latency(
         try:
             at, _ = tail.wait_for(re.compile(r"\bwatching\b"))
             for frame in frames:
-                time.sleep(IDLE_SECONDS)  # deliberate: the watcher is idle when it comes
+                time.sleep(idle)  # deliberate: the watcher is idle when the frame comes
                 target = src / frame.name
                 shutil.copyfile(frame, target)  # written and closed in the source
                 closed = time.monotonic()

@@ -67,9 +67,12 @@ def test_every_run_measured(quick: Quick) -> None:
     for size in doc["sizes"]:
         methods = {r["method"] for r in doc["runs"] if r["size"] == size["key"]}
         assert methods == THROUGHPUT_METHODS
+    startup = {r["dest"] for r in doc["runs"] if r["size"] == "start-up"}
+    assert startup == {"local", "ssh"}  # raw-transfer's fixed cost, on an empty source
     for r in doc["runs"]:
         assert "error" not in r, r
-        for key in ("wall_s", "cpu_s", "total_cpu_s", "cpu_per_file_s", "ms_per_file"):
+        per_file = ("cpu_per_file_s", "ms_per_file") if r["files"] else ()
+        for key in ("wall_s", "cpu_s", "total_cpu_s", *per_file):
             assert positive(r[key]), (key, r)
         if r["dest"] == "ssh":  # sshd's side is measured, never left out silently
             assert r["server_cpu_s"] is not None and r["server_cpu_s"] >= 0, r
@@ -85,6 +88,7 @@ def test_figures_have_baselines_and_ratios(quick: Quick) -> None:
         assert {f"{k}.local.vs_fpack", f"{k}.local.vs_chain", f"{k}.ssh.vs_chain_cm"} <= ids
         assert {f"{k}.ssh.vs_chain_new", f"{k}.ssh.vs_rsync", f"{k}.ssh.cm.vs_chain_cm"} <= ids
         assert {f"{k}.local.cpu_per_frame", f"{k}.ssh.ms_per_file"} <= ids
+    assert "100KB.ssh.ms_per_file_after_startup" in ids
     assert {"latency.local.median", "latency.local.p99", "latency.ssh.median"} <= ids
     assert {"scan.1000.pass", "scan.2000.pass", "memory.queued.2000"} <= ids
     for f in doc["figures"]:
