@@ -356,6 +356,10 @@ class SftpDestination:
         with self._lock:
             conns, self._connections = self._connections, set()
         for conn in conns:
+            # the last chance for temporaries left by cut copies (else: the next start's
+            # sweep, once they are older than a lease)
+            if self._orphans and conn.alive() and not conn.broken:
+                self._remove_orphans(conn)
             conn.close()
 
     # connections ----------------------------------------------------------------------
@@ -363,6 +367,10 @@ class SftpDestination:
         """This thread's connection, and whether it was made just now."""
         conn: _Connection | None = getattr(self._local, "conn", None)
         if conn is not None and conn.alive():
+            # another worker's copy may have been cut after this connection was made:
+            # its temporary file is removed by whichever connection works next
+            if self._orphans:
+                self._remove_orphans(conn)
             return conn, False
         if conn is not None:
             self._drop(conn)
