@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from rawtransfer.config import RemoteDest, parse_dest
 from rawtransfer.destination import sftp
 from rawtransfer.destination.sftp import SftpDestination
-from rawtransfer.destination.ssh_target import SshTarget, resolve_target
+from rawtransfer.destination.ssh_target import SshTarget, default_ssh_config, resolve_target
 
 MB = 1_000_000
 
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace, dest: RemoteDest, kw: dict[str, Path], tmp: Pa
         p.write_bytes(os.urandom(100_000))
         small.append((p, sha1_hex(p.read_bytes())))
     target = resolve_target(
-        dest, kw.get("ssh_config") or sftp.default_ssh_config(), known_hosts=kw.get("known_hosts")
+        dest, kw.get("ssh_config") or default_ssh_config(), known_hosts=kw.get("known_hosts")
     )
     stamp = f"{int(time.time())}-{os.getpid()}"
     rel = PurePosixPath(f"bench-{stamp}")
