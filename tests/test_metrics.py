@@ -20,6 +20,7 @@ from rawtransfer.outcome import Outcome, Result
 from rawtransfer.queue import WorkQueue
 from tests.conftest import Tree
 from tests.helpers import run_rt, start_watcher, wait_for
+from tests.test_backends_e2e import make_backend
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -147,20 +148,16 @@ def test_watcher_metrics_endpoint_and_textfile_match_what_was_done(tree: Tree) -
         scrape(port)
 
 
-def test_backfill_only_writes_the_final_figures_to_the_textfile(tree: Tree) -> None:
+@pytest.mark.parametrize("combo", ["sqlite-local", "postgres-ssh"])
+def test_backfill_only_writes_the_final_figures_to_the_textfile(
+    request: pytest.FixtureRequest, tree: Tree, combo: str
+) -> None:
+    backend = make_backend(request, tree, *combo.split("-"))
     frames = synth.night(tree.src, 3, (64, 48))
     corrupt_copy(frames[2], tree.src / "broken.fits")
     tree.settled()
     prom = tree.root / "rawtransfer.prom"
-    r = run_rt(
-        tree.src,
-        tree.dest,
-        "--backfill-only",
-        "--state-dir",
-        tree.state,
-        "--metrics-textfile",
-        prom,
-    )
+    r = backend.run(tree.src, "--backfill-only", "--metrics-textfile", prom)
     assert r.returncode == 1, r.stderr  # the corrupted frame is quarantined
     assert "no effect" not in r.stderr  # the flag works in a one-off run
     t = read_textfile(prom)
