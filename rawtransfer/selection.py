@@ -63,7 +63,10 @@ def _glob_re(pattern: str) -> str:
             body = pattern[i + 1 : j]
             if body.startswith("!"):
                 body = "^" + body[1:]
-            out.append(f"[{body.replace(chr(92), chr(92) * 2)}]")
+            # backslashes and brackets are literal inside a class (re would warn of sets)
+            neg = "^" if body.startswith("^") else ""
+            body = body.removeprefix("^").replace("\\", "\\\\").replace("[", "\\[")
+            out.append(f"[{neg}{body}]")
             i = j + 1
         else:
             out.append(re.escape(c))
