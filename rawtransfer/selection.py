@@ -139,6 +139,7 @@ class Selection:
         self.rules = rules
         self._said: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()  # the watcher's thread and the scans share it
+        self._excluded: set[str] = set()  # paths excluded by a rule, seen so far
 
     def name_matches(self, name: str) -> bool:
         """The name matches a pattern and is not hidden (the rules are not asked)."""
@@ -176,9 +177,17 @@ class Selection:
         self.say_once(rel, why)
         return False
 
+    @property
+    def excluded_count(self) -> int:
+        """How many distinct files a rule has kept out so far (``status`` shows it)."""
+        with self._lock:
+            return len(self._excluded)
+
     def say_once(self, rel: PurePosixPath, why: str) -> None:
         key = f"{rel}\0{why}"
         with self._lock:
+            if why.startswith("excluded") and len(self._excluded) < REMEMBERED:
+                self._excluded.add(str(rel))
             if key in self._said:
                 return
             self._said[key] = None

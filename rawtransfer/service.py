@@ -148,6 +148,7 @@ class Service:
         self.queue = WorkQueue()
         self.stats = Stats()
         self.notifier = Notifier()
+        self.matcher: Matcher | None = None  # the watcher's, for the excluded count
         self.metrics: Recorder = Recorder()  # start_metrics() once the checks pass
 
     # signals ---------------------------------------------------------------------
@@ -283,7 +284,7 @@ class Service:
 
     def _watch(self, ctx: Context) -> int:
         s = self.s
-        matcher = make_matcher(s)
+        matcher = self.matcher = make_matcher(s)
         alerter = make_alerter(s)
         canary = Canary(ctx.destination, ctx.catalog, self.queue, alerter, s.alert_after)
         canary.checks["spool"] = ctx.spool.check
@@ -456,6 +457,7 @@ class Service:
             if oldest
             else None,
             "last_done": self.stats.last_done or None,
+            "excluded": self.matcher.excluded_count if self.matcher is not None else 0,
         }
 
     def _summary(

@@ -3,6 +3,7 @@ the files never taken, and the scan and the one-off run honouring both."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path, PurePosixPath
 
@@ -159,6 +160,13 @@ def test_the_watcher_never_queues_excluded_files(tree: Tree) -> None:
         synth.write_frame(tree.src / "calib" / "bias.fits", (32, 32), seed=1)
         synth.write_frame(tree.src / "t1.fits", (32, 32))
         wait_for(lambda: list(tree.dest.rglob("t1.fits.fz")), 60, "the frame")
+
+        def excluded() -> int:
+            r = run_rt("status", tree.src, tree.dest, "--state-dir", tree.state, "--json")
+            procs = json.loads(r.stdout)["service"]["processes"] if r.returncode == 0 else []
+            return int(procs[0]["excluded"]) if procs else -1
+
+        wait_for(lambda: excluded() == 1, 30, "status to count the excluded file")
     finally:
         proc.terminate()
         proc.wait(30)

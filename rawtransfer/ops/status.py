@@ -129,6 +129,7 @@ def _process(live: Live) -> dict[str, Any]:
         "duplicates": f.get("duplicates"),
         "oldest_waiting": f.get("oldest_waiting"),
         "last_done": f.get("last_done"),
+        "excluded": f.get("excluded", 0),
     }
 
 
@@ -262,6 +263,8 @@ def _service(svc: dict[str, Any], now: datetime, s: Settings, doc_catalog: str) 
         if p["catalog"] != doc_catalog:
             out += _line("  catalog", str(p["catalog"]))
         out += _line("  queue", f"{p['queued']} queued, {p['in_flight']} in flight")
+        if p["excluded"]:
+            out += _line("  excluded", f"{plural(p['excluded'], 'file')} kept out by --exclude")
         if p["paused"]:
             why = ", ".join(p["paused_reasons"]) or "resources away"
             out += _line("  paused", f"YES{_since(p['paused_since'], now)}: {why}")
