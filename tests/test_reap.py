@@ -206,3 +206,17 @@ def test_reaping_is_counted_in_the_metrics_and_shown_by_why(tree: Tree) -> None:
     assert value("rawtransfer_reaped_bytes_total") == sum(c.size for c, _ in report.deleted)
     why = run_rt("why", files[0].name, "--state-dir", tree.state)
     assert "reaped" in why.stdout and "deleted locally" in why.stdout, why.stdout
+
+
+def test_reap_with_hostile_names(tree: Tree) -> None:
+    names = ["odd name'$(touch pwned);.fits", "new\nline.fits", "-dash [1].fits"]
+    files = [synth.write_frame(tree.src / n, (48, 40), seed=i) for i, n in enumerate(names)]
+    tree.settled()
+    assert run_rt(tree.src, tree.dest, "--backfill-only", "--state-dir", tree.state).returncode == 0
+    r = run_rt("reap", tree.src, tree.dest, "--keep-source", "--reap-after", "0",
+               "--state-dir", tree.state)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not any(p.exists() for p in files)
+    assert len(list(tree.dest.rglob("*.fz"))) == 3  # the archive is untouched
+    assert all("\n" not in line[1:] for line in r.stdout.splitlines())
+    assert not (tree.root / "pwned").exists() and not Path("pwned").exists()
