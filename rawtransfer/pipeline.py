@@ -1,12 +1,13 @@
 """process_one: the steps for one file, in order, short enough to read at once.
 
-    settle -> check -> place -> hash raw -> pack -> hash packed -> claim -> copy -> verify
-    -> record -> tidy (spool)
+    settle -> snapshot -> check -> place -> pack (raw and packed SHA1 as the bytes go by)
+    -> claim -> copy -> verify -> record
 
-The function never raises for a problem with the file: it returns an Outcome saying what
-happened and why. ResourceUnavailable (destination or catalog away) also becomes an
-Outcome (RETRY) after any claim is given back, so the worker puts the file back on the
-queue. Only programming errors escape.
+Every step reads one snapshot of the file (steps/snapshot.py), which is compared with
+the path before the claim, after it and before the record. process_one never raises:
+it returns an Outcome saying what happened and why, and records every outcome but an
+outage (RETRY, after any claim is given back) in the catalog; errors are judged there
+once, by their kind (errors.Kind).
 """
 
 from __future__ import annotations
@@ -290,10 +291,9 @@ def _transfer(
     if not ctx.enter(sha1):
         return Outcome(Result.BUSY, path, reason="same content in flight here", delay=1.0)
     try:
-        try:
-            claim = ctx.catalog.claim(sha1, facts, ctx.owner, ctx.lease_seconds)
-        except FileFailed:  # the row itself is refused (a metadata value too large)
-            raise
+        # a row the catalog refuses (a metadata value too large) raises FileFailed, which
+        # process_one records against the raw SHA1
+        claim = ctx.catalog.claim(sha1, facts, ctx.owner, ctx.lease_seconds)
         if claim.outcome == ClaimOutcome.DONE:
             # the same file, or the .fz that tidying left in place of that file
             if claim.source_filepath in (str(path), str(path)[: -len(".fz")]):
@@ -338,7 +338,8 @@ def _transfer(
             # it (its SHA1, raw SHA1 and day): it is recorded even if the path changed
             # meanwhile, since abandoning it would leave a file with no row. A newer
             # version at the path has another identity and is looked at again.
-            again = a.snap.changed() if a.snap is not None else None
+            assert a.snap is not None  # set before anything is packed
+            again = a.snap.changed()
             ctx.catalog.mark_done(sha1, dest, ctx.owner, identity=facts.identity)
         except FileFailed as exc:
             where = ctx.destination.full_path(rel) if isinstance(exc, DestinationConflict) else None

@@ -92,22 +92,18 @@ def candidates(
     with ``--keep-source``, or a source that was already a ``.fz``) must have the row's
     raw SHA1.
     """
-    found: dict[str, tuple[Path, bool]] = {}  # source path -> (local file, tidied?)
-    tidied = Matcher(tuple(p + ".fz" for p in matcher.patterns), matcher.rules)
-    for path, _mtime in scan(root, tidied):
-        if matcher(path.name[: -len(".fz")]):
-            found[str(path)[: -len(".fz")]] = (path, True)
-    for path, _mtime in scan(root, matcher):
-        if keep_source or path.name.endswith(".fz"):
-            found.setdefault(str(path), (path, False))
+    # source path -> (local file, its lstat, tidied?), from one walk of the source
+    found: dict[str, tuple[Path, os.stat_result, bool]] = {}
+    both = Matcher((*matcher.patterns, *(p + ".fz" for p in matcher.patterns)), matcher.rules)
+    for path, st in scan(root, both):
+        if path.name.endswith(".fz") and matcher(path.name[: -len(".fz")]):
+            found[str(path)[: -len(".fz")]] = (path, st, True)
+        elif matcher(path.name) and (keep_source or path.name.endswith(".fz")):
+            found.setdefault(str(path), (path, st, False))
     out = []
     for source, copy in catalog.verified_copies(sorted(found)).items():
-        path, was_tidied = found[source]
+        path, st, was_tidied = found[source]
         expect = copy.sha1 if was_tidied else copy.raw_sha1
-        try:
-            st = path.lstat()
-        except FileNotFoundError:
-            continue
         if expect:
             out.append(Candidate(path, st.st_size, st.st_mtime, expect, copy))
     return sorted(out, key=lambda c: c.age_from)
@@ -145,8 +141,11 @@ class Reaper:
             if now - c.age_from >= retention
         ]
         if s.reap_after is not None:
-            why = f"older than {s.reap_after:g} h"
-            due = [c for c in due if not self._one(c, why, dry_run, report)]
+            # everything past retention is tried once here; what was kept stays kept
+            # (trying it again under disk pressure would hash and alert twice)
+            for c in due:
+                self._one(c, f"older than {s.reap_after:g} h", dry_run, report)
+            due = []
         if s.reap_when_disk_above is not None:
             threshold = s.reap_when_disk_above
             # a dry run cannot watch the disk empty: it counts what deleting would free

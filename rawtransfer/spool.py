@@ -57,6 +57,10 @@ class Spool:
                 try:
                     fd = os.open(d / LOCK_NAME, os.O_RDWR | os.O_CLOEXEC)
                 except FileNotFoundError:
+                    # no lock yet: a process between its mkdir and its flock, unless the
+                    # directory is older than any start can take
+                    if not _older_than(d, LEGACY_MAX_AGE):
+                        continue
                     fd = -1
                 try:
                     if fd >= 0:
@@ -69,13 +73,9 @@ class Spool:
                 n = sum(1 for p in d.iterdir() if p.name != LOCK_NAME)
                 shutil.rmtree(d, ignore_errors=True)
                 removed += n
-            elif d.name.endswith(TMP_SUFFIX):
-                try:
-                    if time.time() - d.lstat().st_mtime > LEGACY_MAX_AGE:
-                        d.unlink()
-                        removed += 1
-                except FileNotFoundError:
-                    pass
+            elif d.name.endswith(TMP_SUFFIX) and _older_than(d, LEGACY_MAX_AGE):
+                d.unlink(missing_ok=True)
+                removed += 1
         if removed:
             log.info(
                 "removed %s of dead processes from %s",
@@ -112,6 +112,13 @@ class Spool:
             shutil.rmtree(self.path, ignore_errors=True)
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+def _older_than(path: Path, seconds: float) -> bool:
+    try:
+        return time.time() - path.lstat().st_mtime > seconds
+    except FileNotFoundError:
+        return False
 
 
 def is_full(exc: OSError) -> bool:

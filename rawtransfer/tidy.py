@@ -101,9 +101,9 @@ class Tidy:
         since = now - self.hours * 3600
         verified = self.catalog.verified_sources(utc_from_epoch(since))
         n = 0
-        for path, mtime in scan(self.root, self.matcher, since):
+        for path, st in scan(self.root, self.matcher, since):
             sha1 = verified.get(str(path))
-            if sha1 is None or mtime > now - self.recency_window:
+            if sha1 is None or st.st_mtime > now - self.recency_window:
                 continue
             try:
                 n += tidy_one(path, sha1, self.spool, self.catalog, self.owner)

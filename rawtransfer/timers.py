@@ -21,7 +21,7 @@ from rawtransfer.errors import Kind, ResourceUnavailable
 from rawtransfer.names import plural, q
 from rawtransfer.queue import WorkQueue
 from rawtransfer.steps.settle import CLOCK_SLACK
-from rawtransfer.steps.snapshot import current_identity
+from rawtransfer.steps.snapshot import Identity
 from rawtransfer.watch import Matcher, scan
 
 log = logging.getLogger(__name__)
@@ -168,14 +168,15 @@ class Backfill:
         for src in self._conflicts_gone(since, handled):
             del handled[src]
         n = 0
-        for path, mtime in scan(self.root, self.matcher, since):
+        for path, st in scan(self.root, self.matcher, since):
+            mtime = st.st_mtime
             # young files are the watcher's; none are with --backfill-only (window 0). An
             # mtime far ahead of the clock is no sign of youth: the clock was moved back
             if self.recency_window > 0 and now - self.recency_window < mtime <= now + CLOCK_SLACK:
                 continue
             mark = handled.get(str(path))
             # the file that was handled, not merely one under its name (snapshot.Identity)
-            if mark is not None and mark.covers(current_identity(path)):
+            if mark is not None and mark.covers(Identity.of(st)):
                 continue
             if self.queue.put(path):
                 n += 1

@@ -72,8 +72,9 @@ def unreadable_dirs() -> Iterator[list[tuple[Path, str]]]:
 
 def scan(
     root: Path, matcher: Matcher, newer_than: float | None = None
-) -> Iterator[tuple[Path, float]]:
-    """Regular files under ``root`` matching the patterns, with their mtimes.
+) -> Iterator[tuple[Path, os.stat_result]]:
+    """Regular files under ``root`` matching the patterns, with their ``lstat`` (the
+    callers need the mtime and the identity: one stat per file, taken here).
 
     A directory that cannot be read is reported once per scan (a warning naming it, and
     to the ``unreadable_dirs`` collectors): its files are not looked at, and saying
@@ -125,7 +126,7 @@ def scan(
                 continue
             if not matcher.wants(here / name, st.st_size):
                 continue
-            yield path, st.st_mtime
+            yield path, st
 
 
 class Handler(FileSystemEventHandler):

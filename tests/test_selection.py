@@ -112,7 +112,10 @@ def test_no_rules_exclude_nothing_and_a_star_star_rule_everything(parts: list[st
 
 
 def _escape(name: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
+    """The rule that names ``name`` literally: glob characters in a class, and a leading
+    ``#`` too (a rule that starts with ``#`` is a comment, as in rsync's filter files)."""
+    out = "".join(f"[{c}]" if c in "*?[]" else c for c in name)
+    return "[#]" + out[1:] if out.startswith("#") else out
 
 
 def test_scan_skips_excluded_directories_without_listing_them(tmp_path: Path) -> None:

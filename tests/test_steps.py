@@ -303,6 +303,23 @@ def test_spool_is_per_process_and_cleans_only_dead_owners(tmp_path: Path) -> Non
     assert [p.name for p in base.iterdir()] == ["keep.txt"]
 
 
+def test_spool_leaves_a_directory_whose_owner_has_not_locked_it_yet(tmp_path: Path) -> None:
+    """A process between its mkdir and its flock is starting, not dead."""
+    base = tmp_path / "spool"
+    starting = base / "starting-5"
+    starting.mkdir(parents=True)
+    (starting / ".c.fits.fz.rt-tmp").write_bytes(b"x")
+    abandoned = base / "abandoned-6"
+    abandoned.mkdir()
+    old = time.time() - 2 * 86400
+    os.utime(abandoned, (old, old))
+    s = Spool(base, "me-7")
+    try:
+        assert starting.exists() and not abandoned.exists()
+    finally:
+        s.close()
+
+
 # -- hash and metadata --------------------------------------------------------------
 
 

@@ -74,7 +74,7 @@ from rawtransfer.pipeline import MIN_LEASE_SECONDS
 from rawtransfer.spool import Spool
 from rawtransfer.steps import check, hashing, metadata, pack, place
 from rawtransfer.steps.settle import FileVanished, NotRegular
-from rawtransfer.steps.snapshot import Snapshot, current_identity
+from rawtransfer.steps.snapshot import Identity, Snapshot, current_identity
 from rawtransfer.units import ago, mb, utc_iso
 from rawtransfer.watch import Matcher, scan, unreadable_dirs
 
@@ -437,15 +437,16 @@ class Auditor:
         names: set[str] = set()
         files = young = 0
         with unreadable_dirs() as unreadable:
-            for path, mtime in scan(s.source_dir, wider, newer):
+            for path, st in scan(s.source_dir, wider, newer):
+                mtime = st.st_mtime
                 names.add(path.name)
                 self.by_name.setdefault(path.name, []).append(path)
                 if not self.matcher(path.name):
                     continue
                 files += 1
-                ident = current_identity(path)
+                ident = Identity.of(st)
                 mark = handled.get(str(path))
-                if ident is None or (mark is not None and mark.covers(ident)):
+                if mark is not None and mark.covers(ident):
                     continue
                 if str(path) in self.live_sources:
                     continue  # in flight now

@@ -103,9 +103,9 @@ def check(path: Path, max_bytes: int = UNBOUNDED) -> CheckResult:
     return CheckResult(headers=tuple(headers), float_images=float_images, packed=packed)
 
 
-# Decompressing or comparing an image goes a block of rows at a time, of about this many
-# bytes: astropy's sections read (and for a tile-compressed HDU decompress) only the rows
-# asked for, so memory does not grow with the frame.
+# A .fz source is decompressed (to check it) a block of rows at a time, of about this
+# many bytes: astropy's sections decompress only the tiles of the rows asked for, so
+# memory does not grow with the frame.
 BLOCK_BYTES = 8 << 20
 
 
