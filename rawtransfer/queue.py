@@ -6,72 +6,97 @@
   is done with it, so an event during processing is never lost.
 * ``pause()`` stops hand-outs between files (workers finish what they hold);
   ``resume()`` restarts them.
+
+A backfill after an outage can queue a whole night's files, so a pending path costs as
+little as it can (about 300 bytes; 100,000 queued files are ~30 MB): it is kept as its
+``str`` (a ``Path`` object with its parsed parts costs three times as much) in one tuple
+that is both its heap entry and its record, and a ``Path`` is made again only for the
+item handed out.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import os
 import threading
 import time
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Item:
     path: Path
     closed: bool = False
     attempt: int = 0
 
 
+# A pending path: (due, seq, path, closed, attempt, since). The same tuple is in the heap
+# (ordered by due time, then by the order of the puts) and in ``_pending``; a heap entry
+# that is no longer the one in ``_pending`` was superseded and is skipped when popped.
+_Entry = tuple[float, int, str, bool, int, float]
+
+
+def _key(path: Path | str) -> str:
+    """The path as ``str(Path(path))`` spells it: one key per file, whichever was given."""
+    if isinstance(path, str):
+        plain = "//" not in path and "/./" not in path and not path.startswith("./")
+        if not (plain and path and not path.endswith(("/", "/."))):
+            return str(Path(path))
+    return os.fspath(path)
+
+
 class WorkQueue:
     def __init__(self) -> None:
         self._clock = time.monotonic
         self._cond = threading.Condition()
-        self._heap: list[tuple[float, int, Path]] = []
-        self._pending: dict[Path, Item] = {}
-        self._due: dict[Path, float] = {}
-        self._inflight: set[Path] = set()
-        self._again: dict[Path, tuple[Item, float]] = {}  # item, due time
+        self._heap: list[_Entry] = []
+        self._pending: dict[str, _Entry] = {}
+        self._inflight: dict[str, float] = {}  # path: when it was first queued
+        self._again: dict[str, tuple[bool, int, float]] = {}  # closed, attempt, due time
         self._seq = itertools.count()
-        self._since: dict[Path, float] = {}  # when each unfinished path was first queued
         self._paused = False
         self._closed = False
 
     # producers -------------------------------------------------------------------
     def put(
-        self, path: Path, *, closed: bool = False, delay: float = 0.0, attempt: int = 0
+        self, path: Path | str, *, closed: bool = False, delay: float = 0.0, attempt: int = 0
     ) -> bool:
-        """Queue ``path`` (due after ``delay`` seconds). False if it was already queued."""
+        """Queue ``path`` (due after ``delay`` seconds). False if it was already queued.
+        A ``str`` is taken as it is when ``Path`` would spell it the same (a scan need not
+        make a ``Path`` of every file)."""
+        key = _key(path)
         with self._cond:
-            item = Item(path, closed, attempt)
-            if path in self._inflight:
+            now = self._clock()
+            # one float for both times when the file is due now (most puts)
+            due = now + delay if delay > 0 else now
+            if key in self._inflight:
                 # remembered with its due time: a worker deferring its own file must not
                 # get it back the moment it lets go of it
-                due = self._clock() + max(delay, 0.0)
-                again = self._again.get(path)
+                again = self._again.get(key)
                 if again is not None:
-                    closed = closed or again[0].closed
-                    due = min(due, again[1])
-                self._again[path] = (Item(path, closed, attempt), due)
+                    closed = closed or again[0]
+                    due = min(due, again[2])
+                self._again[key] = (closed, attempt, due)
                 return False
-            self._since.setdefault(path, self._clock())
-            due = self._clock() + max(delay, 0.0)
-            if path in self._pending:
-                prev = self._pending[path]
+            prev = self._pending.get(key)
+            if prev is not None:
                 # only a close-after-write makes a pending file due sooner: a stream of
                 # modify events from a slow writer must not spin a worker on it
-                if not (closed and not prev.closed):
+                if not (closed and not prev[3]):
                     return False
-                self._pending[path] = Item(path, True, prev.attempt)
-                due = self._clock()
+                entry = (now, next(self._seq), key, True, prev[4], prev[5])
             else:
-                self._pending[path] = item
-            self._due[path] = due
-            heapq.heappush(self._heap, (due, next(self._seq), path))
-            self._cond.notify()
+                entry = (due, next(self._seq), key, closed, attempt, now)
+            self._push(entry)
             return True
+
+    def _push(self, entry: _Entry) -> None:
+        self._pending[entry[2]] = entry
+        heapq.heappush(self._heap, entry)
+        self._cond.notify()
 
     # consumers -------------------------------------------------------------------
     def get(self, timeout: float | None = None) -> Item | None:
@@ -95,32 +120,29 @@ class WorkQueue:
 
     def _pop_due(self) -> Item | None:
         now = self._clock()
-        while self._heap and self._heap[0][0] <= now:
-            due, _, path = heapq.heappop(self._heap)
-            if self._due.get(path) != due:  # superseded by an earlier due time
+        heap, pending = self._heap, self._pending
+        while heap and heap[0][0] <= now:
+            entry = heapq.heappop(heap)
+            key = entry[2]
+            if pending.get(key) is not entry:  # superseded by an earlier due time
                 continue
-            item = self._pending.pop(path)
-            del self._due[path]
-            self._inflight.add(path)
-            return item
+            del pending[key]
+            self._inflight[key] = entry[5]
+            return Item(Path(key), entry[3], entry[4])
         return None
 
     def done(self, item: Item) -> None:
         """The worker is finished with ``item``; re-queue it if it was put meanwhile."""
+        key = _key(item.path)
         with self._cond:
-            self._inflight.discard(item.path)
-            again = self._again.pop(item.path, None)
-            if again is None and item.path not in self._pending:
-                self._since.pop(item.path, None)
+            since = self._inflight.pop(key, None)
+            again = self._again.pop(key, None)
+            if again is not None:
+                closed, attempt, due = again
+                now = self._clock()
+                first = now if since is None else since  # still unfinished since then
+                self._push((max(due, now), next(self._seq), key, closed, attempt, first))
             self._cond.notify_all()
-        if again is not None:
-            item_again, due = again
-            self.put(
-                item_again.path,
-                closed=item_again.closed,
-                delay=due - self._clock(),
-                attempt=item_again.attempt,
-            )
 
     # control ---------------------------------------------------------------------
     def pause(self) -> None:
@@ -148,7 +170,7 @@ class WorkQueue:
 
     def pending(self) -> list[Path]:
         with self._cond:
-            return list(self._pending)
+            return [Path(key) for key in self._pending]
 
     def depth(self) -> tuple[int, int]:
         """(pending, in flight)"""
@@ -158,10 +180,14 @@ class WorkQueue:
     def oldest(self) -> tuple[Path, float] | None:
         """The unfinished path queued longest ago, and how many seconds ago."""
         with self._cond:
-            if not self._since:
+            found = [(since, key) for key, since in self._inflight.items()]
+            if self._pending:
+                entry = min(self._pending.values(), key=itemgetter(5))
+                found.append((entry[5], entry[2]))
+            if not found:
                 return None
-            path, since = min(self._since.items(), key=lambda kv: kv[1])
-            return path, self._clock() - since
+            since, key = min(found, key=itemgetter(0))
+            return Path(key), self._clock() - since
 
     def idle(self) -> bool:
         with self._cond:
