@@ -18,12 +18,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from slack_sdk.http_retry.builtin_handlers import (
-    ConnectionErrorRetryHandler,
-    RateLimitErrorRetryHandler,
-)
-from slack_sdk.webhook import WebhookClient
-
 log = logging.getLogger(__name__)
 
 # One message per kind per this many seconds; the rest of the kind is counted into it.
@@ -95,6 +89,14 @@ class SlackAlerter:
         self._url = url
         self._host = host or socket.gethostname()
         self._interval = interval
+        # imported here: slack_sdk costs 2-3 MB of RSS that a service without a webhook
+        # (and every one-off run) has no use for
+        from slack_sdk.http_retry.builtin_handlers import (
+            ConnectionErrorRetryHandler,
+            RateLimitErrorRetryHandler,
+        )
+        from slack_sdk.webhook import WebhookClient
+
         self._client = WebhookClient(
             url,
             timeout=timeout,

@@ -18,15 +18,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, write_to_textfile
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import start_http_server
-
 from rawtransfer.errors import ConfigError
 from rawtransfer.outcome import Outcome, Result
 from rawtransfer.queue import WorkQueue
 
+# prometheus_client is imported where it is used: the default Recorder (no metrics flag)
+# does not pay its RSS and start-up time.
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import Metric
+
     from rawtransfer.config import Settings
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,8 @@ class _Live:
         self.down: Callable[[], Iterable[str]] = tuple
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import GaugeMetricFamily
+
         pending, inflight = self.queue.depth()
         yield GaugeMetricFamily(
             "rawtransfer_queue_depth", "Files queued, not yet taken by a worker.", value=pending
@@ -112,6 +115,8 @@ class Metrics(Recorder):
     """The figures in a registry of their own, exported by ``serve`` or ``write_to``."""
 
     def __init__(self, queue: WorkQueue) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
         self.registry = CollectorRegistry()
         r = self.registry
         self.files_done = Counter(
@@ -199,6 +204,8 @@ class Metrics(Recorder):
 
     # exporting -------------------------------------------------------------------
     def serve(self, port: int) -> None:
+        from prometheus_client.exposition import start_http_server
+
         try:
             self._server = start_http_server(port, addr=METRICS_ADDRESS, registry=self.registry)
         except OSError as exc:
@@ -238,6 +245,8 @@ class _TextfileWriter(threading.Thread):
         self._failing = False
 
     def write(self) -> None:
+        from prometheus_client import write_to_textfile
+
         try:
             # a temporary file beside it, then a rename: node-exporter never reads half
             write_to_textfile(str(self.path), self.registry)

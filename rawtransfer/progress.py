@@ -13,13 +13,13 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, TextIO
-
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
+from typing import TYPE_CHECKING, Any, TextIO
 
 from rawtransfer.names import plural
 from rawtransfer.workers import Stats
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,11 @@ class Progress:
         self._bar: tqdm[Any] | None = None
         self._redirect = contextlib.ExitStack()
         if total and self.stream.isatty():
+            # imported on a terminal only: off one (a service, a cron job) it is RSS for
+            # nothing
+            from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
             self._bar = tqdm(
                 total=total,
                 unit="file",
