@@ -259,6 +259,7 @@ def _process(a: Attempt, ctx: Context, closed: bool) -> Outcome:
                     spool,
                     float_images=checked.float_images,
                     between=lambda: faults.hit("during-pack", path),
+                    layout=checked.layout,
                 )
     except OSError as exc:
         if is_full(exc):

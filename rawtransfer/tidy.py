@@ -50,7 +50,9 @@ def tidy_one(path: Path, sha1: str, spool: Path, catalog: Catalog, owner: Owner)
     with snap:
         try:
             checked = check.check(snap.view)
-            result = pack.pack_hashed(snap.view, spool, float_images=checked.float_images)
+            result = pack.pack_hashed(
+                snap.view, spool, float_images=checked.float_images, layout=checked.layout
+            )
             packed = result.path
         except (FileRejected, FileFailed) as exc:
             log.error("not tidying %s: %s", q(path), exc)

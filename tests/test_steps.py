@@ -366,3 +366,23 @@ def test_verify_catches_a_scaling_card_changed_in_the_packed_file(tmp_path: Path
     bad.write_bytes(data[:at] + card + data[at + 80 :])
     with pytest.raises(PackError, match="BZERO"):
         pack.verify_packed(p, bad)
+
+
+@pytest.mark.parametrize("tool", ["fpack", "funpack"])
+def test_a_hung_packer_is_killed_at_its_deadline(
+    tool: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read that never returns (a hung NFS mount) must give the worker its thread back:
+    the child is killed at the deadline and the file is not half-packed in the spool."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / tool).write_text("#!/bin/sh\nexec sleep 60\n")
+    (fake / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    monkeypatch.setattr(pack, "FPACK_TIMEOUT", 0.5)
+    p = synth.write_frame(tmp_path / "hung.fits", (64, 64), seed=5)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    with pytest.raises(PackError, match=f"{tool} took longer than"):
+        pack.pack(p, spool, float_images=False)
+    assert list(spool.iterdir()) == []

@@ -28,6 +28,13 @@ class CheckResult:
     headers: tuple[fits.Header, ...]  # one per HDU, in file order
     float_images: bool  # some uncompressed image HDU holds floating-point pixels
     packed: bool  # some HDU is a tile-compressed image (the file is already a .fz)
+    offsets: tuple[int, ...] = ()  # where each HDU's data start in the file
+
+    @property
+    def layout(self) -> list[tuple[fits.Header, int]]:
+        """Each HDU's header and data offset: what the lossless proof compares against
+        (handed on, so that the proof does not parse the headers a second time)."""
+        return list(zip(self.headers, self.offsets, strict=True))
 
 
 _FILTER = ("error", None, AstropyUserWarning, None, 0)
@@ -53,6 +60,7 @@ def check(path: Path, max_bytes: int = UNBOUNDED) -> CheckResult:
     take more than ``max_bytes`` in memory."""
     strict_astropy_warnings()
     headers: list[fits.Header] = []
+    offsets: list[int] = []
     float_images = False
     packed = False
     try:
@@ -86,6 +94,7 @@ def check(path: Path, max_bytes: int = UNBOUNDED) -> CheckResult:
                 ):
                     float_images = True
                 headers.append(hdu.header.copy())
+                offsets.append(hdu.fileinfo()["datLoc"])
     except FileRejected:
         raise
     except (
@@ -100,7 +109,12 @@ def check(path: Path, max_bytes: int = UNBOUNDED) -> CheckResult:
         raise FileRejected(f"{_describe(exc)}") from None
     if not headers:
         raise FileRejected("no HDUs")
-    return CheckResult(headers=tuple(headers), float_images=float_images, packed=packed)
+    return CheckResult(
+        headers=tuple(headers),
+        float_images=float_images,
+        packed=packed,
+        offsets=tuple(offsets),
+    )
 
 
 # A .fz source is decompressed (to check it) a block of rows at a time, of about this
