@@ -21,8 +21,8 @@ from rawtransfer.errors import Kind, ResourceUnavailable
 from rawtransfer.names import plural, q
 from rawtransfer.queue import WorkQueue
 from rawtransfer.steps.settle import CLOCK_SLACK
-from rawtransfer.steps.snapshot import Identity
-from rawtransfer.watch import Matcher, scan
+from rawtransfer.steps.snapshot import identity_text
+from rawtransfer.watch import Matcher, scan_paths
 
 log = logging.getLogger(__name__)
 
@@ -168,17 +168,18 @@ class Backfill:
         for src in self._conflicts_gone(since, handled):
             del handled[src]
         n = 0
-        for path, st in scan(self.root, self.matcher, since):
-            mtime = st.st_mtime
-            # young files are the watcher's; none are with --backfill-only (window 0). An
-            # mtime far ahead of the clock is no sign of youth: the clock was moved back
-            if self.recency_window > 0 and now - self.recency_window < mtime <= now + CLOCK_SLACK:
+        # young files are the watcher's; none are with --backfill-only (window 0). An
+        # mtime far ahead of the clock is no sign of youth: the clock was moved back
+        window = self.recency_window > 0
+        young, ahead = now - self.recency_window, now + CLOCK_SLACK
+        for path, st in scan_paths(self.root, self.matcher, since):
+            if window and young < st.st_mtime <= ahead:
                 continue
-            mark = handled.get(str(path))
+            mark = handled.get(path)
             # the file that was handled, not merely one under its name (snapshot.Identity)
-            if mark is not None and mark.covers(Identity.of(st)):
+            if mark is not None and mark.covers(identity_text(st)):
                 continue
-            if self.queue.put(path):
+            if self.queue.put(Path(path)):
                 n += 1
         if n:
             log.info("backfill: queued %s that had been missed", plural(n, "file"))

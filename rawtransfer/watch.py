@@ -81,12 +81,29 @@ def scan(
     nothing would let a run end "all done" without them. A subdirectory that vanished
     during the scan is not an error (staging areas come and go).
     """
+    for path, st in scan_paths(root, matcher, newer_than):
+        yield Path(path), st
+
+
+def scan_paths(
+    root: Path, matcher: Matcher, newer_than: float | None = None
+) -> Iterator[tuple[str, os.stat_result]]:
+    """``scan``, with each path as the string ``str(Path)`` would give.
+
+    The per-file work is kept to C calls (a pass over 100,000 files is a backfill's
+    whole cost): names are matched by one compiled expression, the lstat is the
+    directory entry's own (``DirEntry.stat``), relative paths are strings, and a
+    ``PurePosixPath`` is built only for a file that is refused (to log it once).
+    Directories are walked depth first, each one's files in name order before its
+    subdirectories in name order; a link to a directory is neither walked nor reported
+    (as ``os.walk`` does), a link to anything else is reported as not a regular file.
+    """
     reported: set[str] = set()
 
     def unreadable(directory: str, exc: OSError) -> None:
         if directory in reported:
             return
-        if directory != str(root) and isinstance(exc, FileNotFoundError | NotADirectoryError):
+        if directory != top and isinstance(exc, FileNotFoundError | NotADirectoryError):
             log.debug("directory %s vanished during the scan", q(directory))
             return
         reported.add(directory)
@@ -97,36 +114,73 @@ def scan(
         for found in _collectors.stack:
             found.append((Path(directory), reason))
 
-    def onerror(exc: OSError) -> None:
-        unreadable(exc.filename if exc.filename is not None else str(root), exc)
-
-    for dirpath, dirnames, filenames in os.walk(root, onerror=onerror, followlinks=False):
-        here = PurePosixPath(Path(dirpath).relative_to(root).as_posix())
-        # an excluded directory is not even listed
-        dirnames[:] = sorted(
-            d
-            for d in dirnames
-            if not d.startswith(".") and matcher.excluded(here / d, is_dir=True) is None
-        )
-        for name in sorted(filenames):
-            if not matcher(name):
-                continue
-            path = Path(dirpath, name)
+    top = str(root)
+    name_ok = matcher.name_pattern.match  # the patterns, and not hidden
+    taken = matcher.file_taken
+    is_reg = stat.S_ISREG
+    # (directory, its path relative to root with a trailing "/", or "" for root)
+    stack: list[tuple[str, str]] = [(top, "")]
+    while stack:
+        dirpath, rel = stack.pop()
+        files: list[tuple[str, os.DirEntry[str]]] = []
+        subdirs: list[str] = []
+        try:
+            # the entries' lstat is then an fstatat on this descriptor: no lookup of the
+            # whole path per file
+            fd = os.open(dirpath, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            unreadable(dirpath, exc)
+            continue
+        try:
             try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                continue
-            except OSError as exc:  # a directory that can be listed but not searched
+                with os.scandir(fd) as entries:
+                    for entry in entries:
+                        name = entry.name
+                        try:
+                            is_dir = entry.is_dir()
+                        except OSError:
+                            is_dir = False
+                        if is_dir:
+                            try:
+                                link = entry.is_symlink()
+                            except OSError:
+                                link = False
+                            if not link:
+                                subdirs.append(name)
+                        elif name_ok(name) is not None:
+                            files.append((name, entry))
+            except OSError as exc:  # reading on failed: none of it is looked at
                 unreadable(dirpath, exc)
                 continue
-            if not stat.S_ISREG(st.st_mode):
-                matcher.say_once(here / name, "not a regular file (links are not followed)")
-                continue
-            if newer_than is not None and st.st_mtime < newer_than:
-                continue
-            if not matcher.wants(here / name, st.st_size):
-                continue
-            yield path, st
+            prefix = dirpath if dirpath.endswith("/") else dirpath + "/"
+            files.sort()
+            for name, entry in files:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:  # a directory that can be listed but not searched
+                    unreadable(dirpath, exc)
+                    continue
+                if not is_reg(st.st_mode):
+                    matcher.say_once(
+                        PurePosixPath(rel + name), "not a regular file (links are not followed)"
+                    )
+                    continue
+                if newer_than is not None and st.st_mtime < newer_than:
+                    continue
+                if not taken(rel, name, st.st_size):
+                    continue
+                yield prefix + name, st
+        finally:
+            os.close(fd)
+        # an excluded directory is not even listed; pushed in reverse: popped in order
+        for d in sorted(subdirs, reverse=True):
+            if (
+                not d.startswith(".")
+                and matcher.excluded(PurePosixPath(rel + d), is_dir=True) is None
+            ):
+                stack.append((prefix + d, rel + d + "/"))
 
 
 class Handler(FileSystemEventHandler):

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from rawtransfer import synth
 from rawtransfer.errors import ConfigError
-from rawtransfer.selection import Selection, read_rules
+from rawtransfer.selection import _NEVER_RE, Selection, never_taken, read_rules
 from rawtransfer.watch import Matcher, scan
 from tests.conftest import Tree
 from tests.helpers import run_rt, sqlite_rows, start_watcher, wait_for
@@ -109,6 +109,12 @@ def test_no_rules_exclude_nothing_and_a_star_star_rule_everything(parts: list[st
     rel = PurePosixPath(*parts)
     assert Selection(("*",)).excluded(rel) is None
     assert Selection(("*",), read_rules(("/**",))).excluded(rel) is not None
+
+
+@given(st.one_of(names, st.sampled_from(["core", "core.", "core.1", "core.x", "a.core", ".tmp"])))
+def test_the_never_taken_test_is_the_never_patterns(name: str) -> None:
+    assert never_taken(name) == (_NEVER_RE.match(name) is not None)
+    assert never_taken(name + ".part") and never_taken("core.7" + name)
 
 
 def _escape(name: str) -> str:

@@ -1,0 +1,131 @@
+"""The source scan (watch.scan) against the plain definition it replaces for speed:
+``os.walk`` without following links, each path asked of ``Selection.wants``."""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+
+import pytest
+
+from rawtransfer.selection import read_rules
+from rawtransfer.watch import Matcher, scan, scan_paths
+
+RULES = ("calib/", "*_test.fits", "/focus/**", "nights/*/junk.fits", "old[0-9].fits", "x/y")
+
+
+def reference(
+    root: Path, matcher: Matcher, newer_than: float | None = None
+) -> Iterator[tuple[Path, os.stat_result]]:
+    """What the scan did before it was written for speed, less the error reporting."""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        here = PurePosixPath(Path(dirpath).relative_to(root).as_posix())
+        dirnames[:] = sorted(
+            d
+            for d in dirnames
+            if not d.startswith(".") and matcher.excluded(here / d, is_dir=True) is None
+        )
+        for name in sorted(filenames):
+            if not matcher(name):
+                continue
+            path = Path(dirpath, name)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                matcher.say_once(here / name, "not a regular file (links are not followed)")
+                continue
+            if newer_than is not None and st.st_mtime < newer_than:
+                continue
+            if not matcher.wants(here / name, st.st_size):
+                continue
+            yield path, st
+
+
+def _file(p: Path, data: bytes = b"x", age: float = 0.0) -> None:
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(data)
+    if age:
+        t = time.time() - age
+        os.utime(p, (t, t))
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Path:
+    root = tmp_path / "src"
+    for rel in (
+        "a.fits",
+        "b.fits",
+        "z/deep/er/c.fits",
+        "2026-11-24/t1_r1_ut1.fits",
+        "2026-11-24/calib/flat.fits",
+        "calib/bias.fits",
+        "calib.fits",
+        "x_test.fits",
+        "focus/a.fits",
+        "focus/sub/a.fits",
+        "other/focus/a.fits",
+        "nights/n1/junk.fits",
+        "q/nights/n1/junk.fits",
+        "nights/n1/deeper/junk.fits",
+        "old1.fits",
+        "old12.fits",
+        "x/y",
+        "w/x/y",
+        "frame.fits.tmp",
+        "core",
+        "core.12",
+        "up.fits.part",
+        ".hidden.fits",
+        ".staging/a.fits",
+        "d/.staging/b.fits",
+        "with space [1].fits",
+        "quote'name\n.fits",
+        "notes.txt",
+    ):
+        _file(root / rel)
+    _file(root / "empty.fits", b"")
+    _file(root / "old" / "stale.fits", age=48 * 3600)
+    (root / "link.fits").symlink_to(root / "a.fits")
+    (root / "dangling.fits").symlink_to(root / "nowhere")
+    (root / "linked_dir").symlink_to(root / "z", target_is_directory=True)
+    (root / "linked.fits").symlink_to(root / "z", target_is_directory=True)
+    os.mkfifo(root / "pipe.fits")
+    (root / "dir.fits").mkdir()
+    _file(root / "dir.fits" / "in_dir.fits")
+    return root
+
+
+@pytest.mark.parametrize("rules", [(), RULES])
+@pytest.mark.parametrize("newer", [None, 24 * 3600])
+def test_the_scan_takes_what_the_plain_definition_takes(
+    src: Path, rules: tuple[str, ...], newer: float | None
+) -> None:
+    patterns = ("*.fits", "*.tmp", "core*", "*.part", "x*", "y")
+    fast, slow = Matcher(patterns, read_rules(rules)), Matcher(patterns, read_rules(rules))
+    since = None if newer is None else time.time() - newer
+    got = [(p, (st.st_ino, st.st_mtime_ns)) for p, st in scan(src, fast, since)]
+    want = [(p, (st.st_ino, st.st_mtime_ns)) for p, st in reference(src, slow, since)]
+    assert got == want  # the same files, in the same order, with their lstat
+    assert list(fast._said) == list(slow._said)  # and the same "not taken" said once
+    assert fast.excluded_count == slow.excluded_count
+    assert any("not a regular file" in k for k in fast._said)
+    assert [str(p) for p, _ in scan(src, fast, since)] == [
+        p for p, _ in scan_paths(src, fast, since)
+    ]
+    if not rules:
+        assert src / "calib" / "bias.fits" in {p for p, _ in got}
+    else:
+        assert src / "calib" / "bias.fits" not in {p for p, _ in got}
+
+
+def test_an_abandoned_scan_leaves_no_descriptor_open(src: Path) -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    it = scan_paths(src, Matcher(("*.fits",)))
+    next(it)
+    it.close()
+    assert len(os.listdir("/proc/self/fd")) == before
