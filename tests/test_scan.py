@@ -129,3 +129,74 @@ def test_an_abandoned_scan_leaves_no_descriptor_open(src: Path) -> None:
     next(it)
     it.close()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_the_catalog_read_of_a_backfill_pass_merges_as_before(tmp_path: Path) -> None:
+    """SQLite's handled_sources leaves out in SQL the done rows that merge_handled would
+    drop (their path's latest event is in the window) and takes the latest of a path's
+    rows in Python: the same answer as the grouped query it replaced."""
+    from datetime import timedelta
+
+    from rawtransfer.catalog.base import merge_handled, utcnow
+    from rawtransfer.catalog.sqlite import SqliteCatalog, _events, _rows, _ts
+
+    cat = SqliteCatalog(tmp_path / "c.sqlite3", "rawtransfer")
+    now = utcnow()
+    since, old, recent = (
+        now - timedelta(hours=1),
+        now - timedelta(hours=2),
+        now - timedelta(minutes=5),
+    )
+    rows = [  # (sha1, path, state, created, updated)
+        ("a1", "/d/upstream.fits", "done", recent, None),
+        ("b1", "/d/two.fits", "done", old, recent - timedelta(minutes=1)),
+        ("b2", "/d/two.fits", "done", old, recent),
+        ("c1", "/d/old_event.fits", "done", old, recent),
+        ("d1", "/d/new_retry.fits", "done", old, recent),
+        ("e1", "/d/new_done.fits", "done", old, recent),
+        ("f1", "/d/too_old.fits", "done", old, old),
+        ("g1", "/d/failed.fits", "failed", recent, recent),
+    ]
+    events = [  # (at, path, state, identity)
+        (old, "/d/old_event.fits", "failed", None),
+        (recent, "/d/new_retry.fits", "done", "1:2:3:4:5"),
+        (recent, "/d/new_retry.fits", "retry", None),
+        (recent, "/d/new_done.fits", "done", "1:2:3:4:6"),
+        (recent, "/d/event_only.fits", "quarantined", "1:2:3:4:7"),
+    ]
+    db = cat._db
+    for sha, path, state, created, updated in rows:
+        db.execute(
+            f"insert into {cat.t} (sha1_hash, source_filepath, state, created_at, updated_at) "
+            "values (?, ?, ?, ?, ?)",
+            (sha, path, state, _ts(created), _ts(updated)),
+        )
+    for at, path, state, identity in events:
+        db.execute(
+            f"insert into {cat.ev} (at, source_filepath, state, identity) values (?, ?, ?, ?)",
+            (_ts(at), path, state, identity),
+        )
+    ev = db.execute(
+        f"select e.source_filepath, e.at, e.state, e.identity from {cat.ev} e "
+        f"where e.at >= ? and e.id = (select max(id) from {cat.ev} f "
+        "where f.source_filepath = e.source_filepath)",
+        (_ts(since),),
+    ).fetchall()
+    grouped = db.execute(
+        f"select source_filepath, max(coalesce(updated_at, created_at)) from {cat.t} "
+        "where state = 'done' and source_filepath is not null "
+        "and coalesce(updated_at, created_at) >= ? group by source_filepath",
+        (_ts(since),),
+    ).fetchall()
+    before = merge_handled(_events(ev), _rows(grouped))
+    got = cat.handled_sources(since)
+    assert got == before
+    assert set(got) == {
+        "/d/upstream.fits",
+        "/d/two.fits",
+        "/d/old_event.fits",
+        "/d/new_done.fits",
+        "/d/event_only.fits",
+    }
+    assert got["/d/two.fits"].at == recent and got["/d/new_done.fits"].identity == "1:2:3:4:6"
+    cat.close()

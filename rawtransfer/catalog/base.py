@@ -184,10 +184,13 @@ def merge_handled(
 ) -> dict[str, Handled]:
     """Paths handled, from each path's latest event (path, at, state, identity) and, for
     paths with no event at all (upstream rows), their done rows (path, time)."""
-    out: dict[str, Handled] = {}
-    for src, at, state, identity in events:
-        if state in TERMINAL:
-            out[src] = Handled(at, state, identity)
+    out = {
+        src: Handled(at, state, identity)
+        for src, at, state, identity in events
+        if state in TERMINAL
+    }
+    if not done_rows:  # the usual case: every path has events
+        return out
     seen = {e[0] for e in events}
     for src, at in done_rows:
         if src not in seen and (src not in out or out[src].at < at):

@@ -192,11 +192,16 @@ class SqliteCatalog:
                 "where f.source_filepath = e.source_filepath)",
                 (_ts(since),),
             ).fetchall()
+            # only the done rows that merge_handled would read: of paths whose latest
+            # event is not in the window (upstream's, which have none); their latest
+            # time is taken there (a group by here costs a sort of every row)
             rows = self._x(
-                f"select source_filepath, max(coalesce(updated_at, created_at)) from {self.t} "
+                f"select source_filepath, coalesce(updated_at, created_at) from {self.t} t "
                 "where state = 'done' and source_filepath is not null "
-                "and coalesce(updated_at, created_at) >= ? group by source_filepath",
-                (_ts(since),),
+                "and coalesce(updated_at, created_at) >= :since "
+                f"and coalesce((select f.at from {self.ev} f where f.source_filepath = "
+                "t.source_filepath order by f.id desc limit 1) < :since, 1)",
+                {"since": _ts(since)},
             ).fetchall()
         return merge_handled(_events(ev), _rows(rows))
 
