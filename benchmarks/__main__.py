@@ -23,7 +23,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from benchmarks import data, methods, report, targets
+from benchmarks import data, flat, methods, report, targets
 from benchmarks.measure import RunFailed, machine
 from benchmarks.remote import ControlMaster, Remote, scratch_sshd
 
@@ -44,6 +44,8 @@ class Plan:
     idle_s: float  # how long the watcher is left idle before each of them
     scan_counts: tuple[int, ...]
     queued: int  # files queued for the memory figure (the largest scan tree is reused)
+    transfers: int  # small frames through an idle watcher for the flat-memory figure...
+    rss_every: int  # ... its RSS read after each batch of this many
 
 
 FULL = Plan(
@@ -56,6 +58,8 @@ FULL = Plan(
     idle_s=targets.IDLE_SECONDS,
     scan_counts=(10_000, 100_000),
     queued=100_000,
+    transfers=10_000,
+    rss_every=1_000,
 )
 QUICK = Plan(
     sizes=(
@@ -67,6 +71,8 @@ QUICK = Plan(
     idle_s=0.3,
     scan_counts=(1_000, 2_000),
     queued=2_000,
+    transfers=300,
+    rss_every=100,
 )
 
 NOTES = [
@@ -290,6 +296,11 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     if memory:
                         print(f"  {memory}", flush=True)
+                n, every = plan.transfers, plan.rss_every
+                print(f"RSS of an idle watcher over {n:,} transfers, {every:,} a batch", flush=True)
+                steady = bench.measure("flat memory", partial(flat.flat, tmp, n, every))
+                if steady:
+                    memory = {**(memory or {}), "transfers": steady}
     doc = document(a, plan, info, bench, latency, scans, memory, time.monotonic() - started)
     j, md = report.write(a.out, doc)
     print()

@@ -90,7 +90,7 @@ def test_figures_have_baselines_and_ratios(quick: Quick) -> None:
         assert {f"{k}.local.cpu_per_frame", f"{k}.ssh.ms_per_file"} <= ids
     assert "100KB.ssh.ms_per_file_after_startup" in ids
     assert {"latency.local.median", "latency.local.p99", "latency.ssh.median"} <= ids
-    assert {"scan.1000.pass", "scan.2000.pass", "memory.queued.2000"} <= ids
+    assert {"scan.1000.pass", "scan.2000.pass", "memory.queued.2000", "memory.flat.300"} <= ids
     for f in doc["figures"]:
         for key in ("value", "baseline_value", "ratio"):
             assert positive(f[key]), (key, f)
@@ -110,6 +110,9 @@ def test_other_targets_measured(quick: Quick) -> None:
         for key in ("find_wall_s", "pass_wall_s", "process_wall_s", "process_peak_rss_mib"):
             assert positive(s[key]), (key, s)
     assert positive(doc["memory"]["peak_rss_queued_mib"])
+    steady = doc["memory"]["transfers"]  # the watcher's RSS after every 100 of 300 files
+    assert [n for n, _ in steady["rss_mib"]] == [100, 200, 300]
+    assert all(positive(rss) for _, rss in steady["rss_mib"])
 
 
 def test_markdown_table_written(quick: Quick) -> None:
