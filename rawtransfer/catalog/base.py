@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import re
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
@@ -155,10 +155,11 @@ class VerifiedCopy:
     verified_at: datetime
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Handled:
     """The last terminal record of a source path: when, in which state, and the identity
-    (device:inode:size:mtime:ctime) the file had then."""
+    (device:inode:size:mtime:ctime) the file had then. A backfill pass holds one per path
+    of its window (100,000 of them after a busy week): slots, and one ``str`` per state."""
 
     at: datetime
     state: str
@@ -180,21 +181,31 @@ class Handled:
 
 
 def merge_handled(
-    events: list[tuple[str, datetime, str, str | None]], done_rows: list[tuple[str, datetime]]
+    events: Iterable[tuple[str, datetime, str, str | None]],
+    done_rows: Iterable[tuple[str, datetime]],
 ) -> dict[str, Handled]:
     """Paths handled, from each path's latest event (path, at, state, identity) and, for
-    paths with no event at all (upstream rows), their done rows (path, time)."""
-    out = {
-        src: Handled(at, state, identity)
-        for src, at, state, identity in events
-        if state in TERMINAL
-    }
-    if not done_rows:  # the usual case: every path has events
-        return out
-    seen = {e[0] for e in events}
+    paths with no event at all (upstream rows), their done rows (path, time).
+
+    Each is read once, as it comes (a cursor will do): no list of every row is kept
+    beside the result."""
+    out: dict[str, Handled] = {}
+    unfinished: set[str] = set()  # paths whose latest event is not terminal
+    states = {str(s): str(s) for s in TERMINAL}  # one str per state, not one per row
+    for src, at, state, identity in events:
+        terminal = states.get(state)
+        if terminal is not None:
+            out[src] = Handled(at, terminal, identity)
+        else:
+            unfinished.add(src)
+    upstream: dict[str, Handled] = {}
     for src, at in done_rows:
-        if src not in seen and (src not in out or out[src].at < at):
-            out[src] = Handled(at, State.DONE, None)
+        if src in out or src in unfinished:
+            continue
+        prev = upstream.get(src)
+        if prev is None or prev.at < at:
+            upstream[src] = Handled(at, State.DONE, None)
+    out.update(upstream)
     return out
 
 
