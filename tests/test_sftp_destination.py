@@ -35,6 +35,7 @@ from rawtransfer.destination.ssh_target import HostKeyRefused, resolve_target
 from rawtransfer.errors import (
     ConfigError,
     DestinationConflict,
+    DestinationLink,
     DestinationUnavailable,
     Interrupted,
     Kind,
@@ -625,3 +626,85 @@ def test_small_files_are_verified_by_reading_back(
     d.publish(packed(data), REL, sha1_of(data), threading.Event())
     assert d.sha1(REL) == sha1_of(data)
     assert d.sha1_method is None  # no remote shell was needed
+
+
+def test_sha1sum_runs_behind_one_exec_channel_per_connection_whatever_the_names(
+    sftp_dest: DestFactory, tmp_path: Path, packed: Callable[[bytes], Path]
+) -> None:
+    root = tmp_path / "archive"
+    root.mkdir()
+    d = sftp_dest(root)
+    hashers = set()
+    for name in ODD_NAMES:
+        data = os.urandom(READBACK_MAX + 1)
+        rel = REL.with_name(name)
+        assert d.publish(packed(data), rel, sha1_of(data), threading.Event()) == Published.NEW
+        assert d.sha1(rel) == sha1_of(data)
+        hashers.add(id(d._local.conn.hasher))
+    assert len(hashers) == 1 and d.sha1_method == "sha1sum"
+    for place in (Path.cwd(), Path.home(), root / REL.parent):
+        assert not (place / "PWNED").exists()
+    # a file gone between the look and the hash: said so, and the next answer is sound
+    conn = d._local.conn
+    with pytest.raises(RemoteError) as info:
+        d._sha1sum(conn, os.fsencode(root / "2024" / "gone.fits.fz"))
+    assert info.value.code == paramiko.sftp.SFTP_NO_SUCH_FILE
+    assert conn.hasher is not None and id(conn.hasher) in hashers
+    assert d.sha1(REL.with_name(ODD_NAMES[0])) is not None
+
+
+def test_a_day_directory_removed_or_replaced_by_a_link_between_two_files(
+    sftp_dest: DestFactory, tmp_path: Path, packed: Callable[[bytes], Path]
+) -> None:
+    root = tmp_path / "archive"
+    root.mkdir()
+    d = sftp_dest(root)
+    day = root / REL.parent
+    data = [os.urandom(3000) for _ in range(3)]
+    rels = [REL.with_name(f"f{i}.fits.fz") for i in range(3)]
+    assert d.publish(packed(data[0]), rels[0], sha1_of(data[0]), threading.Event()) == Published.NEW
+    # removed by someone: made again, the file is not lost
+    for p in day.iterdir():
+        p.unlink()
+    day.rmdir()
+    assert d.publish(packed(data[1]), rels[1], sha1_of(data[1]), threading.Event()) == Published.NEW
+    assert (root / rels[1]).read_bytes() == data[1]
+    assert d.sha1(rels[1]) == sha1_of(data[1])
+    # replaced by a link: refused, and nothing is left behind the link
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / rels[1]).unlink()
+    day.rmdir()
+    day.symlink_to(outside, target_is_directory=True)
+    with pytest.raises(DestinationLink):
+        d.publish(packed(data[2]), rels[2], sha1_of(data[2]), threading.Event())
+    assert list(outside.iterdir()) == []
+    assert temps(root) == []
+
+
+def test_hard_links_refused_after_working_fall_back_to_rename(
+    sftp_dest: DestFactory,
+    tmp_path: Path,
+    packed: Callable[[bytes], Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    root = tmp_path / "archive"
+    root.mkdir()
+    d = sftp_dest(root)
+    first, second = os.urandom(3000), os.urandom(3000)
+    d.publish(packed(first), REL, sha1_of(first), threading.Event())
+    conn = d._local.conn
+    send = conn.send
+
+    def no_hardlink(t: int, *args: object) -> int:
+        if args and args[0] == "hardlink@openssh.com":
+            args = ("no-such-request@example.org", *args[1:])  # answered "unsupported"
+        return send(t, *args)
+
+    monkeypatch.setattr(conn, "send", no_hardlink)
+    rel = REL.with_name("second.fits.fz")
+    assert d.publish(packed(second), rel, sha1_of(second), threading.Event()) == Published.NEW
+    assert (root / rel).read_bytes() == second
+    assert d.sha1(rel) == sha1_of(second)
+    assert temps(root) == []
+    assert d._hardlink_refused
