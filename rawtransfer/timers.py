@@ -15,13 +15,13 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from rawtransfer.alerts import Alerter
-from rawtransfer.catalog.base import Catalog, Handled, Owner, State, utc_from_epoch
+from rawtransfer.catalog.base import Catalog, HandledSources, Owner, State, utc_from_epoch
 from rawtransfer.destination.base import Destination
 from rawtransfer.errors import Kind, ResourceUnavailable
 from rawtransfer.names import plural, q
 from rawtransfer.queue import WorkQueue
 from rawtransfer.steps.settle import CLOCK_SLACK
-from rawtransfer.steps.snapshot import identity_text
+from rawtransfer.steps.snapshot import IDENTITY_FORMAT
 from rawtransfer.watch import Matcher, scan_paths
 
 log = logging.getLogger(__name__)
@@ -172,20 +172,33 @@ class Backfill:
         # mtime far ahead of the clock is no sign of youth: the clock was moved back
         window = self.recency_window > 0
         young, ahead = now - self.recency_window, now + CLOCK_SLACK
+        # the loop runs once per file of the window: names bound once
+        record_of, covers, put = handled.records.get, handled.covers, self.queue.put
+        identity_and_space = IDENTITY_FORMAT + " "  # identity_text(st), and a space
         for path, st in scan_paths(self.root, self.matcher, since):
             if window and young < st.st_mtime <= ahead:
                 continue
-            mark = handled.get(path)
-            # the file that was handled, not merely one under its name (snapshot.Identity)
-            if mark is not None and mark.covers(identity_text(st)):
-                continue
-            if self.queue.put(Path(path)):
+            # the file that was handled, not merely one under its name (snapshot.Identity);
+            # HandledSources.covers, but for the call: a record starts with its identity
+            # and a space
+            record = record_of(path)
+            if record is not None:
+                identity = identity_and_space % (
+                    st.st_dev,
+                    st.st_ino,
+                    st.st_size,
+                    st.st_mtime_ns,
+                    st.st_ctime_ns,
+                )
+                if record.startswith(identity) or covers(path, identity[:-1]):
+                    continue
+            if put(Path(path)):
                 n += 1
         if n:
             log.info("backfill: queued %s that had been missed", plural(n, "file"))
         return n
 
-    def _conflicts_gone(self, since: float, handled: dict[str, Handled]) -> list[str]:
+    def _conflicts_gone(self, since: float, handled: HandledSources) -> list[str]:
         """Failed files whose conflicting archive file has been moved aside: recorded as
         retried (so that they are no longer 'handled') and returned."""
         if self.destination is None:

@@ -200,3 +200,81 @@ def test_the_catalog_read_of_a_backfill_pass_merges_as_before(tmp_path: Path) ->
     }
     assert got["/d/two.fits"].at == recent and got["/d/new_done.fits"].identity == "1:2:3:4:6"
     cat.close()
+
+
+def test_the_catalog_read_without_upstream_rows_matches_the_grouped_query(
+    tmp_path: Path,
+) -> None:
+    """When every done row's path has its latest event in the window (the usual case),
+    handled_sources reads only their paths: the same answer as the grouped query."""
+    from datetime import timedelta
+
+    from rawtransfer.catalog.base import merge_handled, utcnow
+    from rawtransfer.catalog.sqlite import SqliteCatalog, _events, _rows, _ts
+
+    cat = SqliteCatalog(tmp_path / "c.sqlite3", "rawtransfer")
+    now = utcnow()
+    since, recent = now - timedelta(hours=1), now - timedelta(minutes=5)
+    db = cat._db
+    for i, state in enumerate(("done", "done", "failed")):
+        path = f"/d/f{i}.fits"
+        db.execute(
+            f"insert into {cat.t} (sha1_hash, source_filepath, state, updated_at) "
+            "values (?, ?, ?, ?)",
+            (f"s{i}", path, state, _ts(recent)),
+        )
+        for at, st in ((recent - timedelta(minutes=1), "claimed"), (recent, state)):
+            db.execute(
+                f"insert into {cat.ev} (at, source_filepath, state, identity) values (?, ?, ?, ?)",
+                (_ts(at), path, st, f"1:{i}:3:4:5" if i else None),
+            )
+    ev = db.execute(
+        f"select source_filepath, at, state, identity from {cat.ev} e where at >= ? and "
+        f"id = (select max(id) from {cat.ev} f where f.source_filepath = e.source_filepath)",
+        (_ts(since),),
+    ).fetchall()
+    grouped = db.execute(
+        f"select source_filepath, max(coalesce(updated_at, created_at)) from {cat.t} "
+        "where state = 'done' and coalesce(updated_at, created_at) >= ? group by 1",
+        (_ts(since),),
+    ).fetchall()
+    got = cat.handled_sources(since)
+    assert got == merge_handled(_events(ev), _rows(grouped))
+    assert got["/d/f0.fits"].identity is None and got["/d/f0.fits"].at == recent
+    assert got["/d/f2.fits"].state == "failed"
+
+
+def test_handled_sources_answers_as_handled_records() -> None:
+    """HandledSources keeps each record as one string: what it answers, and covers, is
+    what the Handled records it stands for answer."""
+    from datetime import datetime
+
+    from rawtransfer.catalog.base import Handled, HandledSources, handled_record
+
+    at = datetime(2026, 1, 2, 3, 4, 5, 6)
+    marks = {
+        "/a": Handled(at, "done", "1:2:3:4:5"),
+        "/b": Handled(at.replace(microsecond=0), "failed", None),  # "...:05", no fraction
+        "/c": Handled(at, "quarantined", "1:2:3:4:6"),
+    }
+    h = HandledSources({p: handled_record(m.at, m.state, m.identity) for p, m in marks.items()})
+    assert dict(h.items()) == marks and len(h) == 3 and "/a" in h and "/x" not in h
+    assert h.get("/x") is None
+    # text as SQLite keeps it gives the same record
+    assert handled_record("2026-01-02 03:04:05.000006", "done", "1:2:3:4:5") == h.records["/a"]
+    later = 4_000_000_000 * 10**9  # an mtime (ns) after the record: not covered by time
+    for ident in ("1:2:3:4:5", "1:2:3:4:55", "1:2:3:4:6", f"1:2:3:{later}:7", "9:9:9:9:9"):
+        for src, mark in marks.items():
+            assert h.covers(src, ident) == mark.covers(ident), (src, ident)
+    assert not h.covers("/x", "1:2:3:4:5")
+    del h["/a"]
+    assert set(h) == {"/b", "/c"}
+
+
+def test_identity_text_is_the_identity_as_recorded(tmp_path: Path) -> None:
+    from rawtransfer.steps.snapshot import Identity, identity_text
+
+    f = tmp_path / "f"
+    f.write_bytes(b"x")
+    st = os.lstat(f)
+    assert identity_text(st) == str(Identity.of(st))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import re
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
@@ -158,8 +158,8 @@ class VerifiedCopy:
 @dataclass(frozen=True, slots=True)
 class Handled:
     """The last terminal record of a source path: when, in which state, and the identity
-    (device:inode:size:mtime:ctime) the file had then. A backfill pass holds one per path
-    of its window (100,000 of them after a busy week): slots, and one ``str`` per state."""
+    (device:inode:size:mtime:ctime) the file had then. A backfill pass does not hold one
+    per path of its window (``HandledSources``)."""
 
     at: datetime
     state: str
@@ -180,33 +180,93 @@ class Handled:
         return utc_from_epoch(mtime_ns / 1e9) <= self.at
 
 
+class HandledSources(Mapping[str, Handled]):
+    """Source path -> Handled (``Catalog.handled_sources``), each record kept as one
+    string, ``"IDENTITY STATE AT"`` (IDENTITY empty when the record has none, AT in ISO
+    format): a ``Handled`` is made, and its time parsed, only for a path asked for.
+
+    A backfill pass reads 100,000 of them to look up as many files and needs only the
+    identity of each (``covers``): a record object, a parsed time and a state per row
+    cost more time and memory than the query.
+    """
+
+    __slots__ = ("records",)
+
+    def __init__(self, records: dict[str, str]) -> None:
+        self.records = records
+
+    def __getitem__(self, src: str) -> Handled:
+        identity, state, at = self.records[src].split(" ", 2)
+        return Handled(datetime.fromisoformat(at), state, identity or None)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __contains__(self, src: object) -> bool:
+        return src in self.records
+
+    def __delitem__(self, src: str) -> None:
+        del self.records[src]
+
+    def __repr__(self) -> str:
+        return f"HandledSources({dict(self.items())!r})"
+
+    def covers(self, src: str, identity: str) -> bool:
+        """``self[src].covers(identity)`` (False for a path that is not here) without the
+        Handled, unless the record has no identity to compare with (``identity`` is
+        the text of one, steps.snapshot.identity_text)."""
+        record = self.records.get(src)
+        if record is None:
+            return False
+        if record.startswith(identity + " "):
+            return True
+        return record[0] == " " and self[src].covers(identity)
+
+
+def handled_record(at: datetime | str, state: str, identity: str | None) -> str:
+    """A ``HandledSources`` record (``at`` may be ISO text already, as SQLite keeps it)."""
+    if isinstance(at, datetime):
+        at = at.isoformat(sep=" ")
+    return f"{identity or ''} {state} {at}"
+
+
 def merge_handled(
     events: Iterable[tuple[str, datetime, str, str | None]],
     done_rows: Iterable[tuple[str, datetime]],
-) -> dict[str, Handled]:
+) -> HandledSources:
     """Paths handled, from each path's latest event (path, at, state, identity) and, for
     paths with no event at all (upstream rows), their done rows (path, time).
 
     Each is read once, as it comes (a cursor will do): no list of every row is kept
     beside the result."""
-    out: dict[str, Handled] = {}
+    out: dict[str, str] = {}
     unfinished: set[str] = set()  # paths whose latest event is not terminal
-    states = {str(s): str(s) for s in TERMINAL}  # one str per state, not one per row
     for src, at, state, identity in events:
-        terminal = states.get(state)
-        if terminal is not None:
-            out[src] = Handled(at, terminal, identity)
+        if state in TERMINAL:
+            out[src] = handled_record(at, state, identity)
         else:
             unfinished.add(src)
-    upstream: dict[str, Handled] = {}
+    return merge_done_rows(out, unfinished, done_rows)
+
+
+def merge_done_rows(
+    records: dict[str, str], unfinished: set[str], done_rows: Iterable[tuple[str, datetime]]
+) -> HandledSources:
+    """``merge_handled`` from the records of the terminal latest events (path -> record)
+    and the paths whose latest event is not terminal."""
+    upstream: dict[str, datetime] = {}
     for src, at in done_rows:
-        if src in out or src in unfinished:
+        if src in records or src in unfinished:
             continue
         prev = upstream.get(src)
-        if prev is None or prev.at < at:
-            upstream[src] = Handled(at, State.DONE, None)
-    out.update(upstream)
-    return out
+        if prev is None or prev < at:
+            upstream[src] = at
+    for src, at in upstream.items():
+        records[src] = handled_record(at, State.DONE, None)
+    return HandledSources(records)
 
 
 # What the operators' commands read (``status``, ``why``) -------------------------------
@@ -388,7 +448,7 @@ class Catalog(Protocol):
         new file under an old name, and is looked at again rather than skipped.
         """
 
-    def handled_sources(self, since: datetime) -> dict[str, Handled]:
+    def handled_sources(self, since: datetime) -> HandledSources:
         """Source paths recorded since ``since`` that need nothing more (one query; see
         handled)."""
 

@@ -45,6 +45,7 @@ from rawtransfer.catalog.base import (
     Event,
     FileFacts,
     Handled,
+    HandledSources,
     History,
     Owner,
     Row,
@@ -505,7 +506,7 @@ class PostgresCatalog:
             source_filepath
         )
 
-    def handled_sources(self, since: datetime) -> dict[str, Handled]:
+    def handled_sources(self, since: datetime) -> HandledSources:
         events = sql.SQL(
             "select e.source_filepath, e.at, e.state, e.identity from {ev} e "
             "where e.at >= %(since)s and e.id = (select max(id) from {ev} f "

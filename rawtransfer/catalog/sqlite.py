@@ -20,6 +20,7 @@ from rawtransfer.catalog.base import (
     EVENT_SELECT,
     EXTRA_COLUMNS,
     ROW_SELECT,
+    TERMINAL,
     UPSTREAM_COLUMNS,
     CatalogStatus,
     ClaimOutcome,
@@ -27,6 +28,7 @@ from rawtransfer.catalog.base import (
     Event,
     FileFacts,
     Handled,
+    HandledSources,
     History,
     Owner,
     Row,
@@ -34,6 +36,7 @@ from rawtransfer.catalog.base import (
     VerifiedCopy,
     identifier,
     judge_existing,
+    merge_done_rows,
     merge_handled,
     resolve_history,
     utcnow,
@@ -57,6 +60,13 @@ _LOOKUP = {
     "name": NAME_EXPR,
 }
 _EVENT_LOOKUP = ("sha1_hash", "source_filepath", "name")
+# the terminal states, as SQL literals
+_TERMINAL = ", ".join(f"'{s}'" for s in sorted(TERMINAL))
+# the paths of the done rows of a window (handled_sources)
+_DONE_PATHS = (
+    "select source_filepath from {t} where state = 'done' and source_filepath is not null "
+    "and coalesce(updated_at, created_at) >= ?"
+)
 
 
 def _ident(name: str) -> str:
@@ -204,28 +214,46 @@ class SqliteCatalog:
             )
         return merge_handled(_events(ev), _rows(rows)).get(source_filepath)
 
-    def handled_sources(self, since: datetime) -> dict[str, Handled]:
+    def handled_sources(self, since: datetime) -> HandledSources:
+        since_ts = (_ts(since),)
         with self._lock:
             # read from the cursor into the result: 100,000 rows fetched into a list
-            # first, and converted into another, cost a backfill pass 25 MB more
+            # first, and converted into another, cost a backfill pass 25 MB more. Each
+            # record comes as HandledSources keeps it, one string made here by SQLite
+            # (the time stays the ISO text it is stored as), and only the terminal
+            # ones: no tuple, time or state per row in Python
+            # (a path's latest event: none of the path has a greater id; a fifth cheaper
+            # than comparing the id with their max)
             ev = self._x(
-                f"select e.source_filepath, e.at, e.state, e.identity from {self.ev} e "
-                f"where e.at >= ? and e.id = (select max(id) from {self.ev} f "
-                "where f.source_filepath = e.source_filepath)",
-                (_ts(since),),
+                f"select e.source_filepath, coalesce(e.identity, '') || ' ' || e.state || ' ' "
+                f"|| e.at from {self.ev} e where e.at >= ? and e.state in ({_TERMINAL}) "
+                f"and not exists (select 1 from {self.ev} f "
+                "where f.source_filepath = e.source_filepath and f.id > e.id)",
+                since_ts,
             )
-            # only the done rows that merge_handled would read: of paths whose latest
-            # event is not in the window (upstream's, which have none); their latest
-            # time is taken there (a group by here costs a sort of every row)
+            records: dict[str, str] = dict(ev)
+            # the done rows that merge_handled would read: of paths whose latest event
+            # is not in the window (upstream's, which have none). Usually there are none,
+            # and their paths alone tell: looking up each path's latest event in SQL
+            # costs more than reading the paths. Only if some are left is that asked
+            done = self._x(_DONE_PATHS.format(t=self.t), since_ts)
+            try:
+                if all(r[0] in records for r in done):
+                    return HandledSources(records)
+            finally:
+                done.close()  # read no further
+            # ...their latest time taken in merge_done_rows (a group by here costs a sort
+            # of every row). So no path of theirs has a latest event left out above as
+            # not terminal
             rows = self._x(
                 f"select source_filepath, coalesce(updated_at, created_at) from {self.t} t "
                 "where state = 'done' and source_filepath is not null "
                 "and coalesce(updated_at, created_at) >= :since "
                 f"and coalesce((select f.at from {self.ev} f where f.source_filepath = "
                 "t.source_filepath order by f.id desc limit 1) < :since, 1)",
-                {"since": _ts(since)},
+                {"since": since_ts[0]},
             )
-            return merge_handled(_events(ev), _rows(rows))
+            return merge_done_rows(records, set(), _rows(rows))
 
     def verified_sources(self, since: datetime) -> dict[str, str]:
         with self._lock:

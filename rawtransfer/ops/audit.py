@@ -50,7 +50,7 @@ from rawtransfer import log as logsetup
 from rawtransfer.catalog.base import (
     Catalog,
     FileFacts,
-    Handled,
+    HandledSources,
     Owner,
     Row,
     State,
@@ -426,7 +426,7 @@ class Auditor:
                     }
                 )
 
-    def _source(self, r: Report, handled: dict[str, Handled], failed: dict[str, Row]) -> set[str]:
+    def _source(self, r: Report, handled: HandledSources, failed: dict[str, Row]) -> set[str]:
         """Never transferred and unresolved files; returns the source names seen."""
         s = self.s
         # the patterns and, for dark files, the .fz that tidying leaves of an original
