@@ -14,6 +14,7 @@ import os
 import stat
 import threading
 from collections.abc import Callable, Iterator
+from operator import itemgetter
 from pathlib import Path, PurePosixPath
 
 from watchdog.events import (
@@ -30,7 +31,7 @@ from watchdog.observers.polling import PollingObserver
 
 from rawtransfer.names import q
 from rawtransfer.queue import WorkQueue
-from rawtransfer.selection import Selection
+from rawtransfer.selection import NEVER_SUFFIXES, Selection
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,12 @@ def scan_paths(
     top = str(root)
     name_ok = matcher.name_pattern.match  # the patterns, and not hidden
     taken = matcher.file_taken
+    # without exclude rules, a file that is not empty and whose name has neither a
+    # temporary suffix nor starts like a core dump is taken: file_taken's answer,
+    # without its two calls
+    plain = not matcher.rules
+    never = NEVER_SUFFIXES
+    by_name = itemgetter(0)
     is_reg = stat.S_ISREG
     # (directory, its path relative to root with a trailing "/", or "" for root)
     stack: list[tuple[str, str]] = [(top, "")]
@@ -153,7 +160,7 @@ def scan_paths(
                 unreadable(dirpath, exc)
                 continue
             prefix = dirpath if dirpath.endswith("/") else dirpath + "/"
-            files.sort()
+            files.sort(key=by_name)  # names are unique: the entries are not compared
             for name, entry in files:
                 try:
                     st = entry.stat(follow_symlinks=False)
@@ -169,7 +176,12 @@ def scan_paths(
                     continue
                 if newer_than is not None and st.st_mtime < newer_than:
                     continue
-                if not taken(rel, name, st.st_size):
+                if not (
+                    plain
+                    and st.st_size
+                    and not name.endswith(never)
+                    and not name.startswith("core")
+                ) and not taken(rel, name, st.st_size):
                     continue
                 yield prefix + name, st
         finally:
