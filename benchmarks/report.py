@@ -23,6 +23,9 @@ CHAIN_LOCAL = "(b) chain: fitscheck, fpack, sha1sum, cp"
 CHAIN_NEW = "(b) chain: fitscheck, fpack, sha1sum, ssh mkdir + scp, new connection per call"
 CHAIN_CM = "(b) chain: fitscheck, fpack, sha1sum, ssh mkdir + scp, ControlMaster"
 RSYNC = "(c) rsync -a over ssh (raw files, one rsync)"
+# The backfill scan's second baseline (benchmarks.targets.scan): find -printf of each
+# file's identity, then the sqlite3 command-line tool reading the window's latest events.
+SCAN_FAIR = "find -printf '%p %D:%i:%s:%T@:%C@' + sqlite3 reading the latest events"
 # The "size" of raw-transfer's runs on an empty source: its fixed cost per run.
 STARTUP = "start-up"
 # Other processes took more than this share of the machine during a run: its figures are
@@ -254,6 +257,18 @@ def other_figures(
                 "cost",
             )
         )
+        if "fair_cpu_s" in s:  # what a pass must also do: the files' identities, the rows
+            out.append(
+                Figure(
+                    f"scan.{n}.cpu_fair",
+                    f"backfill pass, {n:,} files: CPU, against reading what it compares",
+                    "s",
+                    s["pass_cpu_s"],
+                    f"{SCAN_FAIR} (CPU)",
+                    max(s["fair_cpu_s"], 0.001),
+                    "cost",
+                )
+            )
         out.append(
             Figure(
                 f"scan.{n}.process",

@@ -6,7 +6,10 @@
   at" line to its ``done`` line, so process start-up is left out of both).
 * Scan: N header-only ``*.fits`` files against an N-row catalog that has every one of them
   done (same paths and identities); the backfill pass in-process and a whole
-  ``--backfill-only`` run that finds nothing to do, against ``find`` on the same tree.
+  ``--backfill-only`` run that finds nothing to do, against ``find`` on the same tree; and,
+  as a second baseline doing what a pass must also do, ``find -printf`` of each file's
+  identity followed by the ``sqlite3`` command-line tool reading the catalog's latest
+  event of each path in the window (neither compares the two).
 * Memory: peak RSS of a one-off run once N files are queued, against the same run on
   an empty source.
 """
@@ -22,6 +25,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +46,17 @@ QUEUED_HOLD = 2.0
 STOP_TIMEOUT = 60.0
 # A scan figure is the median of this many passes (they take milliseconds to seconds).
 SCAN_REPEATS = 3
+# The scan's window (Backfill's hours; find's -mmin -720).
+SCAN_HOURS = 12
+# The fair baseline's two halves: what a backfill pass reads, without its comparison. The
+# path and identity (device:inode:size:mtime:ctime, times in seconds) of every file...
+SCAN_FIND_PRINTF = "%p %D:%i:%s:%T@:%C@\n"
+# ...and each path's latest event in the window, as handled_sources selects it
+SCAN_EVENTS_SQL = (
+    "select e.source_filepath, e.state, e.at, e.identity from rawtransfer_events e "
+    "where e.at >= '{since}' and not exists (select 1 from rawtransfer_events f "
+    "where f.source_filepath = e.source_filepath and f.id > e.id);"
+)
 
 
 class LogTail:
@@ -210,7 +225,7 @@ def _inprocess_scan(src: Path, state: Path) -> tuple[float, float, int]:
 
     catalog = SqliteCatalog(state / "catalog.sqlite3", "rawtransfer")
     try:
-        backfill = Backfill(src, Matcher(("*.fits",)), catalog, WorkQueue(), 12.0, 0.0)
+        backfill = Backfill(src, Matcher(("*.fits",)), catalog, WorkQueue(), SCAN_HOURS, 0.0)
         t0, c0 = time.perf_counter(), time.process_time()
         queued = backfill()
         return time.perf_counter() - t0, time.process_time() - c0, queued
@@ -226,11 +241,20 @@ def scan(work: Path, count: int) -> dict[str, object]:
     files = data.small_tree(src, count)
     _register_all(state, files, dest)
     setup = time.perf_counter() - t0
+    find = ["find", str(src), "-type", "f", "-name", "*.fits", "-mmin", str(-60 * SCAN_HOURS)]
     finds: list[Usage] = []
     for _ in range(SCAN_REPEATS):
         with Meter() as m:
-            _run(["find", str(src), "-type", "f", "-name", "*.fits", "-mmin", "-720"])
+            _run(find)
         finds.append(m.usage)
+    fair: list[Usage] = []
+    since = (datetime.now(UTC) - timedelta(hours=SCAN_HOURS)).replace(tzinfo=None)
+    sql = SCAN_EVENTS_SQL.format(since=since.isoformat(sep=" "))
+    for _ in range(SCAN_REPEATS):
+        with Meter() as m:
+            _run([*find, "-printf", SCAN_FIND_PRINTF])
+            _run(["sqlite3", str(state / "catalog.sqlite3"), sql])
+        fair.append(m.usage)
     passes = [_inprocess_scan(src, state) for _ in range(SCAN_REPEATS)]
     if any(q for _, _, q in passes):
         raise RunFailed(f"the backfill pass queued {passes[0][2]} of {count} handled files")
@@ -242,6 +266,8 @@ def scan(work: Path, count: int) -> dict[str, object]:
         "setup_s": round(setup, 1),
         "find_wall_s": round(statistics.median(u.wall_s for u in finds), 4),
         "find_cpu_s": round(statistics.median(u.cpu_s for u in finds), 4),
+        "fair_wall_s": round(statistics.median(u.wall_s for u in fair), 4),
+        "fair_cpu_s": round(statistics.median(u.cpu_s for u in fair), 4),
         "pass_wall_s": round(statistics.median(p[0] for p in passes), 4),
         "pass_cpu_s": round(statistics.median(p[1] for p in passes), 4),
         "process_wall_s": round(whole.usage.wall_s, 3),

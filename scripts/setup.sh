@@ -21,6 +21,8 @@ if [ "${RAWTRANSFER_SETUP_SERVERS:-1}" = 1 ]; then
   # the benchmarks' baselines (python -m benchmarks, and its smoke test) use scp and rsync
   command -v scp >/dev/null 2>&1 || need+=(openssh-client)
   command -v rsync >/dev/null 2>&1 || need+=(rsync)
+  # ... and the backfill scan's second baseline reads the catalog with sqlite3
+  command -v sqlite3 >/dev/null 2>&1 || need+=(sqlite3)
 fi
 PY="${PYTHON:-python3}"
 if ! command -v "$PY" >/dev/null 2>&1; then need+=(python3 python3-venv); PY=python3; fi
