@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import re
 import subprocess
 import time
-from collections.abc import Iterator
 from datetime import date, datetime
 from pathlib import Path
 
@@ -217,25 +215,6 @@ def test_remote_relpath_names() -> None:
 # -- pack ---------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["in-process", "funpack"])
-def proof(
-    request: pytest.FixtureRequest,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-) -> Iterator[str]:
-    """Both ways of proving a frame lossless: astropy in-process (small integer frames)
-    and funpack's stream (everything else). After a test of a good file, the in-process
-    proof must have judged it itself, not handed it to funpack."""
-    limit = pack.IN_PROCESS_PROOF_BYTES if request.param == "in-process" else 0
-    monkeypatch.setattr(pack, "IN_PROCESS_PROOF_BYTES", limit)
-    caplog.set_level(logging.DEBUG, logger=pack.__name__)
-    yield request.param
-
-
-def _judged_in_process(caplog: pytest.LogCaptureFixture) -> bool:
-    return not any("funpack will" in r.getMessage() for r in caplog.records)
-
-
 def _funpack_pixels(fz: Path, tmp: Path) -> list[np.ndarray]:
     """Decompress with the real funpack, independently of the code under test."""
     out = tmp / (fz.name + ".unpacked.fits")
@@ -244,12 +223,9 @@ def _funpack_pixels(fz: Path, tmp: Path) -> list[np.ndarray]:
         return [np.array(x.data) for x in h if x.data is not None]
 
 
-def test_pack_is_deterministic_and_lossless(
-    frame, tmp_path: Path, proof: str, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_pack_is_deterministic_and_lossless(frame, tmp_path: Path) -> None:
     p = frame(shape=(300, 200))
     a = pack.pack(p, tmp_path, float_images=False)
-    assert _judged_in_process(caplog)
     time.sleep(1.1)  # fpack without -C stamps the time; make a difference visible
     b = pack.pack(p, tmp_path, float_images=False)
     assert hashing.sha1_file(a) == hashing.sha1_file(b)
@@ -273,7 +249,7 @@ def test_fpack_default_on_floats_would_be_lossy_and_is_caught(tmp_path: Path) ->
         pack.verify_packed(p, lossy)
 
 
-def test_verify_catches_corrupt_fz_that_funpack_accepts(frame, tmp_path: Path, proof: str) -> None:
+def test_verify_catches_corrupt_fz_that_funpack_accepts(frame, tmp_path: Path) -> None:
     p = frame(shape=(256, 256))
     out = pack.pack(p, tmp_path, float_images=False)
     bad = tmp_path / "bad.fz"
@@ -286,12 +262,9 @@ def test_verify_catches_corrupt_fz_that_funpack_accepts(frame, tmp_path: Path, p
         pack.verify_packed(p, bad)
 
 
-def test_pack_multi_hdu_with_tables(
-    tmp_path: Path, proof: str, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_pack_multi_hdu_with_tables(tmp_path: Path) -> None:
     p = synth.write_multi_hdu(tmp_path / "m.fits")
     out = pack.pack(p, tmp_path, float_images=False)
-    assert _judged_in_process(caplog)
     with fits.open(p) as a, fits.open(out) as b:
         assert np.array_equal(a["CCD1"].data, b["CCD1"].data)
         assert np.array_equal(a["CATALOG"].data["x"], b["CATALOG"].data["x"])
@@ -383,9 +356,7 @@ def test_pack_hashes_both_ends_as_the_bytes_go_by(tmp_path: Path) -> None:
     assert c.sha1 == c.raw_sha1 == r.sha1
 
 
-def test_verify_catches_a_scaling_card_changed_in_the_packed_file(
-    tmp_path: Path, proof: str
-) -> None:
+def test_verify_catches_a_scaling_card_changed_in_the_packed_file(tmp_path: Path) -> None:
     p = synth.write_frame(tmp_path / "z.fits", (64, 64), seed=4)
     out = pack.pack(p, tmp_path, float_images=False)
     data = out.read_bytes()
@@ -409,7 +380,6 @@ def test_a_hung_packer_is_killed_at_its_deadline(
     (fake / tool).chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
     monkeypatch.setattr(pack, "FPACK_TIMEOUT", 0.5)
-    monkeypatch.setattr(pack, "IN_PROCESS_PROOF_BYTES", 0)  # funpack proves every frame
     p = synth.write_frame(tmp_path / "hung.fits", (64, 64), seed=5)
     spool = tmp_path / "spool"
     spool.mkdir()

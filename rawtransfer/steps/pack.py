@@ -23,9 +23,8 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
-import numpy as np
 from astropy.io import fits
 
 from rawtransfer.destination.base import CHUNK, TMP_SUFFIX
@@ -316,8 +315,6 @@ def verify_packed(original: Path, packed: Path, layout: Layout | None = None) ->
     """
     if layout is None:
         layout = layout_of(original)
-    if _small_integer_frame(layout) and _verified_in_process(original, packed, layout):
-        return
     # funpack reads the packed file by a name of digits (see _inherited): from a file
     # it needs less memory and CPU than from standard input, which it copies whole
     try:
@@ -337,76 +334,6 @@ def verify_packed(original: Path, packed: Path, layout: Layout | None = None) ->
     if watch.code != 0:
         msg = " ".join(watch.err.decode(errors="replace").split())[:300]
         raise PackError(f"packed file does not decompress: funpack exited {watch.code}: {msg}")
-
-
-# A frame of integer images with at most this many bytes of data is proven in-process,
-# with astropy's decompression (CFITSIO's own Rice code, built into astropy), instead of
-# by funpack: for a 100 KB frame, starting funpack (its 35 shared libraries) costs more
-# than the work, 5.5 ms of CPU and 12 ms of waiting against 4 ms in-process. Memory is
-# bounded by this figure; floating-point images always go to funpack.
-IN_PROCESS_PROOF_BYTES = 4 << 20
-
-_STORED: dict[int, np.dtype[Any]] = {
-    8: np.dtype("u1"),
-    16: np.dtype(">i2"),
-    32: np.dtype(">i4"),
-    64: np.dtype(">i8"),
-}
-
-
-def _small_integer_frame(layout: Layout) -> bool:
-    total = 0
-    for header, _ in layout:
-        if int(header.get("BITPIX", 8)) not in _STORED:
-            return False
-        total += data_size(header)
-    return total <= IN_PROCESS_PROOF_BYTES
-
-
-def _verified_in_process(original: Path, packed: Path, layout: Layout) -> bool:
-    """The same proof as funpack's stream gives (the HDUs, the cards that give stored
-    values their meaning, every data byte), from astropy's decompression. Raises
-    PackError on a difference; False when astropy cannot judge the packed file (an
-    error, or a warning made strict), which funpack then judges: never weaker."""
-    try:
-        with (
-            fits.open(packed, do_not_scale_image_data=True, memmap=False) as hdul,
-            open(packed, "rb") as raw,
-            open(original, "rb") as orig,
-        ):
-            hdus = list(hdul)
-            # fpack moves a primary image into a first extension marked ZSIMPLE (shown
-            # with SIMPLE = T), behind an empty primary; funpack moves it back
-            if (
-                len(hdus) > 1
-                and isinstance(hdus[1], fits.CompImageHDU)
-                and hdus[1].header.get("SIMPLE") is True
-                and data_size(hdus[0].header) == 0
-            ):
-                hdus = hdus[1:]
-            if len(hdus) != len(layout):
-                raise PackError(f"packed file has {len(hdus)} HDUs, original {len(layout)}")
-            for i, ((header, loc), hdu) in enumerate(zip(layout, hdus, strict=True)):
-                _same_cards(i, header, hdu.header)
-                size = data_size(header)
-                if data_size(hdu.header) != size:
-                    raise PackError(f"HDU {i} data size changed when packed")
-                if isinstance(hdu, fits.CompImageHDU):
-                    data = hdu.data  # every tile decompressed; stored values, unscaled
-                    stored = _STORED[int(header["BITPIX"])]
-                    got = b"" if data is None else np.asarray(data).astype(stored).tobytes()
-                else:  # copied as it is (a table, an empty primary)
-                    raw.seek(hdu.fileinfo()["datLoc"])
-                    got = raw.read(size)
-                orig.seek(loc)
-                if got != orig.read(size):
-                    raise PackError(f"HDU {i} data differ after unpacking")
-    except PackError:
-        raise
-    except Exception as exc:
-        log.debug("%s: astropy cannot judge it (%s); funpack will", packed.name, exc)
-        return False
-    return True
 
 
 def _compare_stream(stream: IO[bytes], orig: IO[bytes], layout: Layout) -> None:
