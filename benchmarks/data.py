@@ -72,6 +72,16 @@ def header_only_frame() -> bytes:
     return out.getvalue()
 
 
+def write_new(path: Path, body: bytes) -> None:
+    """A new file with ``body`` (os.open/os.write: half the time of Path.write_bytes
+    over 100,000 files)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, body)
+    finally:
+        os.close(fd)
+
+
 def small_tree(root: Path, count: int, per_dir: int = 1000) -> list[Path]:
     """``count`` header-only ``*.fits`` files (2880 bytes) in directories of ``per_dir``:
     what a scan of the source looks at (names, types, sizes, times), with no data to
@@ -83,12 +93,7 @@ def small_tree(root: Path, count: int, per_dir: int = 1000) -> list[Path]:
         if i % per_dir == 0:
             d.mkdir(parents=True, exist_ok=True)
         p = d / f"t1_r{i:07d}_ut1.fits"
-        # os.open/os.write: half the time of Path.write_bytes over 100,000 files
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            os.write(fd, block)
-        finally:
-            os.close(fd)
+        write_new(p, block)
         out.append(p)
     age(out)
     return out

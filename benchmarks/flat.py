@@ -50,11 +50,7 @@ def small_frames(directory: Path, count: int) -> list[Path]:
         pixels[0], pixels[1] = i % 32768, i // 32768  # this frame's own content
         body = raw[:header_len] + pixels.tobytes() + raw[header_len + 2 * n :]
         path = directory / f"m{i:06d}.fits"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            os.write(fd, body)
-        finally:
-            os.close(fd)
+        data.write_new(path, body)
         out.append(path)
     data.age(out)
     return out
