@@ -708,3 +708,72 @@ def test_hard_links_refused_after_working_fall_back_to_rename(
     assert d.sha1(rel) == sha1_of(second)
     assert temps(root) == []
     assert d._hardlink_refused
+
+
+def test_a_temporary_opened_with_the_look_whose_answer_is_lost_is_removed_later(
+    sshd_server: SshServer,
+    sftp_dest: DestFactory,
+    tmp_path: Path,
+    packed: Callable[[bytes], Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    root = tmp_path / "archive"
+    root.mkdir()
+    d = sftp_dest(root)
+    first, second = os.urandom(3000), os.urandom(3000)
+    d.publish(packed(first), REL, sha1_of(first), threading.Event())
+    conn = d._local.conn
+    handle = conn.handle
+
+    def answer_lost(num: int, path: bytes) -> bytes:
+        # the day directory is known: the temporary is opened with the look at it; the
+        # server makes it, and the connection dies before its answer is read
+        if path.endswith(TMP_SUFFIX.encode()):
+            _wait_for(lambda: bool(temps(root)), "the server to make the temporary")
+            sshd_server.kill_sessions()
+            _wait_for(lambda: not conn.transport.is_active(), "paramiko to notice")
+            raise EOFError
+        return handle(num, path)
+
+    monkeypatch.setattr(conn, "handle", answer_lost)
+    rel = REL.with_name("second.fits.fz")
+    # retried once on a new connection, which removes what the lost one left
+    assert d.publish(packed(second), rel, sha1_of(second), threading.Event()) == Published.NEW
+    assert d._local.conn is not conn
+    assert (root / rel).read_bytes() == second
+    assert temps(root) == []
+
+
+def test_hard_links_refused_after_working_and_the_temporary_not_removed_behind(
+    sftp_dest: DestFactory,
+    tmp_path: Path,
+    packed: Callable[[bytes], Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    root = tmp_path / "archive"
+    root.mkdir()
+    d = sftp_dest(root)
+    first, second = os.urandom(3000), os.urandom(3000)
+    d.publish(packed(first), REL, sha1_of(first), threading.Event())
+    conn = d._local.conn
+    send = conn.send
+    linked = []
+
+    def no_hardlink_nor_removal(t: int, *args: object) -> int:
+        if args and args[0] == "hardlink@openssh.com":
+            args = ("no-such-request@example.org", *args[1:])  # answered "unsupported"
+            linked.append(True)
+        elif t == paramiko.sftp.CMD_REMOVE and linked == [True]:
+            # the removal sent behind the link fails (as in a directory made read-only
+            # meanwhile): the server unlinks nothing, a directory cannot be
+            args = (os.fsencode(root / REL.parent),)
+            linked.append(False)
+        return send(t, *args)
+
+    monkeypatch.setattr(conn, "send", no_hardlink_nor_removal)
+    rel = REL.with_name("second.fits.fz")
+    assert d.publish(packed(second), rel, sha1_of(second), threading.Event()) == Published.NEW
+    assert linked == [True, False]
+    assert (root / rel).read_bytes() == second
+    assert d.sha1(rel) == sha1_of(second)
+    assert temps(root) == []

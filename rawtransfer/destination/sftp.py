@@ -776,6 +776,11 @@ class SftpDestination:
             handle = conn.handle(opening, tmp)
         except RemoteError:
             return None
+        except BaseException:
+            # no answer: the server may have made it, or make it yet
+            with self._lock:
+                self._orphans.add(tmp)
+            raise
         if as_before:
             return handle
         # a directory went or became something else, or the file is there already: the
@@ -872,11 +877,11 @@ class SftpDestination:
             try:
                 conn.status(linking, target)
             except RemoteError as exc:
-                if removing is not None:
-                    conn.ignore([removing])
+                # the removal behind the link ran all the same: is the temporary still there?
+                tmp_left = removing is None or not _removed(conn, removing, tmp)
                 existing = conn.lstat(target)
                 if existing is not None:
-                    return self._existing(conn, target, existing, sha1), removing is None
+                    return self._existing(conn, target, existing, sha1), tmp_left
                 if exc.code not in (SFTP_OP_UNSUPPORTED, SFTP_PERMISSION_DENIED):
                     raise
                 # a filesystem without hard links (some FUSE and SMB mounts) says EPERM
@@ -888,8 +893,10 @@ class SftpDestination:
                     HARDLINK,
                     exc.strerror,
                 )
-                if removing is not None:
+                if not tmp_left:
                     raise _HardlinkGone from None
+                # the temporary is still there (never removed, or its removal refused):
+                # it is renamed below
             except BaseException:
                 conn.ignore([] if removing is None else [removing])
                 raise
@@ -1246,6 +1253,15 @@ class _Hasher:
 class _HardlinkGone(Exception):
     """Hard links, which worked here, are refused now, and the temporary file went with
     the removal pipelined behind the link: the file is to be written again."""
+
+
+def _removed(conn: _Connection, removing: int, tmp: bytes) -> bool:
+    """Whether the removal of ``tmp`` sent as ``removing`` left it gone."""
+    try:
+        conn.status(removing, tmp)
+    except RemoteError as exc:
+        return bool(exc.code == SFTP_NO_SUCH_FILE)
+    return True
 
 
 def _is(st: paramiko.SFTPAttributes | None, kind: Callable[[int], bool]) -> bool:
