@@ -751,3 +751,48 @@ def test_handled_sources_from_upstream_timestamps(pg_server: PgServer, pg_table:
         assert set(cat.handled_sources(utcnow() - timedelta(hours=1))) == {"/d/new.fits"}
     finally:
         cat.close()
+
+
+def test_a_host_whose_clock_runs_ahead_does_not_take_over_a_live_claim(
+    pg_server: PgServer, pg_table: PgTable
+) -> None:
+    """Hosts that share a PostgreSQL catalog judge a claim's lease by the catalog
+    server's clock: a host whose clock runs 20 minutes ahead (more than the lease) must
+    not take over a claim that another host holds and is working on, which would send
+    the file twice. The second host is a process of its own under libfaketime."""
+    from tests.test_fault_alerts_clock import _clock
+
+    init_schema(target(pg_server), pg_table.name, META)
+    cat = PostgresCatalog(target(pg_server), pg_table.name, META)
+    try:
+        held = cat.claim(sha("c"), facts(), Owner("host-a", 101), LEASE)
+        assert held.outcome == ClaimOutcome.CLAIMED
+    finally:
+        cat.close()
+    script = (
+        "import sys\n"
+        "from datetime import date\n"
+        "from rawtransfer.catalog.base import FileFacts, Owner, utcnow\n"
+        "from rawtransfer.catalog.postgres import PgTarget, PostgresCatalog\n"
+        "host, port, user, db, table, sha1 = sys.argv[1:7]\n"
+        "cat = PostgresCatalog(PgTarget.build(host, int(port), user, db), table, "
+        "('tel', 'run'))\n"
+        "f = FileFacts(source_filepath='/data/t1_r12345_ut2.fits', raw_sha1='r' * 40, "
+        "raw_size=1000, packed_size=400, obs_date=date(2026, 11, 24), "
+        "metadata={'tel': 1, 'run': 12345}, file_created_at=utcnow())\n"
+        "r = cat.claim(sha1, f, Owner('host-b', 202), 600.0)\n"
+        "print(utcnow().isoformat(), r.outcome.name)\n"
+        "cat.close()\n"
+    )
+    args = [pg_server.host, str(pg_server.port), pg_server.user, pg_server.dbname]
+    out = subprocess.run(
+        [sys.executable, "-c", script, *args, pg_table.name, sha("c")],
+        env={**os.environ, **_clock("+20m")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    clock, outcome = out.stdout.split()
+    assert datetime.fromisoformat(clock) > utcnow() + timedelta(minutes=19)  # it ran ahead
+    assert outcome == "BUSY", out.stdout

@@ -441,6 +441,10 @@ class Catalog(Protocol):
     def check(self) -> None:
         """Raise CatalogUnavailable unless the catalog answers now."""
 
+    def clock(self) -> datetime:
+        """The time claims' leases are judged by (naive UTC): the catalog server's for
+        PostgreSQL, which every host shares; this host's for SQLite, which is local."""
+
     def handled(self, source_filepath: str) -> Handled | None:
         """The path's latest record if that is terminal (done, duplicate, failed,
         quarantined); None if it was never handled or something is pending (a claim, a

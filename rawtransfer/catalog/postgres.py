@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 import psycopg
 from psycopg import sql
@@ -92,6 +92,12 @@ POOL_TIMEOUT = 5.0
 # for at most this long; shorter than CALL_DEADLINE, so the server gives a clean error
 # and the connection survives, instead of the client cutting the socket.
 LOCK_TIMEOUT_MS = 3_000
+# A claim's lease is written and judged by the catalog server's clock (naive UTC: the
+# session's time zone is UTC), never by a host's: hosts share this catalog, and one
+# whose clock runs ahead by more than the lease would take over the live claims of the
+# others (and send their files a second time); one running behind would hold its own
+# past their time.
+SERVER_NOW = "localtimestamp"
 # Server side: a session that stops in the middle of a transaction (a host frozen or cut
 # off while taking over a claim) releases its row locks after this long.
 IDLE_IN_TRANSACTION_TIMEOUT_MS = 30_000
@@ -486,6 +492,11 @@ class PostgresCatalog:
     def check(self) -> None:
         self._run("check", lambda c: c.execute("select 1").fetchone())
 
+    def clock(self) -> datetime:
+        row = self._run("clock", lambda c: c.execute("select " + SERVER_NOW).fetchone())
+        assert row is not None  # a select of one value has one row
+        return cast(datetime, row[0])
+
     def handled(self, source_filepath: str) -> Handled | None:
         q = sql.SQL(
             "select source_filepath, at, state, identity from {ev} "
@@ -574,9 +585,12 @@ class PostgresCatalog:
         for c in self.metadata_columns:
             values[c] = facts.metadata.get(c)
         # insert and its history line in one statement: one round trip for a new file
+        # the lease is the catalog server's time (see SERVER_NOW), not this host's
+        del values["claimed_at"]
         insert = sql.SQL(
-            "with ins as (insert into {t} ({cols}) values ({vals}) "
-            "on conflict (sha1_hash) do nothing returning sha1_hash), "
+            "with ins as (insert into {t} ({cols}, claimed_at) values ({vals}, "
+            + SERVER_NOW
+            + ") on conflict (sha1_hash) do nothing returning sha1_hash), "
             "e as (insert into {ev} (at, sha1_hash, source_filepath, state, host, pid, reason) "
             "select %(at)s, sha1_hash, %(src)s, %(state)s, %(host)s, %(pid)s, %(reason)s "
             "from ins) select count(*) from ins"
@@ -591,8 +605,9 @@ class PostgresCatalog:
             self._event_params(sha1, facts.source_filepath, State.CLAIMED, "", owner, now)
         )
         current = sql.SQL(
-            "select state, claimed_by, claimed_at, source_filepath, filepath from {t} "
-            "where sha1_hash = %s"
+            "select state, claimed_by, claimed_at, source_filepath, filepath, "
+            + SERVER_NOW
+            + " from {t} where sha1_hash = %s"
         ).format(t=self.t)
 
         def first_try(c: Conn) -> tuple[Any, ...] | None:
@@ -606,9 +621,9 @@ class PostgresCatalog:
             return ClaimResult(ClaimOutcome.CLAIMED)
         if not row:  # deleted between the two statements: a released claim
             return ClaimResult(ClaimOutcome.BUSY)
-        state, claimed_by, claimed_at, src, filepath = row
+        state, claimed_by, claimed_at, src, filepath, server_now = row
         verdict = judge_existing(
-            state, claimed_by, claimed_at, src, filepath, owner, lease_seconds, now
+            state, claimed_by, claimed_at, src, filepath, owner, lease_seconds, server_now
         )
         if verdict is not None:
             return verdict
@@ -626,7 +641,9 @@ class PostgresCatalog:
             "for update skip locked"
         ).format(t=self.t)
         update = sql.SQL(
-            "update {t} set state = %(state)s, claimed_by = %(owner)s, claimed_at = %(at)s, "
+            "update {t} set state = %(state)s, claimed_by = %(owner)s, claimed_at = "
+            + SERVER_NOW
+            + ", "
             "updated_at = %(at)s, source_filepath = %(src)s, error = null, "
             "attempts = attempts + 1 where sha1_hash = %(sha1)s"
         ).format(t=self.t)
@@ -793,8 +810,9 @@ class PostgresCatalog:
         # the row locked while it is judged: a claimer holding it is waited for no longer
         # than that (skip locked: it is being changed, so not ours to register now)
         current = sql.SQL(
-            "select state, claimed_by, claimed_at, source_filepath, filepath from {t} "
-            "where sha1_hash = %s for update skip locked"
+            "select state, claimed_by, claimed_at, source_filepath, filepath, "
+            + SERVER_NOW
+            + " from {t} where sha1_hash = %s for update skip locked"
         ).format(t=self.t)
         update = sql.SQL(
             "update {t} set state = 'done', source_filepath = %(source_filepath)s, "
@@ -814,9 +832,9 @@ class PostgresCatalog:
                     row = c.execute(current, (sha1,)).fetchone()
                     if row is None:
                         return "its row is being changed; try again"
-                    state, by, at, src, existing = row
+                    state, by, at, src, existing, server_now = row
                     verdict = judge_existing(
-                        state, by, at, src, existing, owner, lease_seconds, now
+                        state, by, at, src, existing, owner, lease_seconds, server_now
                     )
                     if verdict is not None:
                         if verdict.outcome == ClaimOutcome.DONE:

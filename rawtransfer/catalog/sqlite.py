@@ -196,6 +196,9 @@ class SqliteCatalog:
         with self._lock:
             self._x("select 1").fetchone()
 
+    def clock(self) -> datetime:
+        return utcnow()
+
     def handled(self, source_filepath: str) -> Handled | None:
         with self._lock:
             ev = self._x(

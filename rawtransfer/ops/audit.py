@@ -56,7 +56,6 @@ from rawtransfer.catalog.base import (
     State,
     judge_existing,
     utc_from_epoch,
-    utcnow,
 )
 from rawtransfer.config import Settings
 from rawtransfer.destination.base import ArchiveEntry, Destination, in_date_tree, is_temporary
@@ -305,7 +304,7 @@ class Auditor:
         names: set[str] = set()
         failed: dict[str, Row] = {}
         rows = elsewhere = live = 0
-        now = utcnow()
+        now = self.catalog.clock()  # leases are judged by the catalog's clock
         after = ""
         while True:
             page = self.catalog.audit_rows(after, PAGE, self.since)
