@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 from astropy.io import fits
 
 RAW_TRANSFER = [sys.executable, "-m", "rawtransfer"]
@@ -127,3 +128,20 @@ def start_watcher(
     wait_for(lambda: b"watching" in log.read_bytes() or proc.poll() is not None, 30, "start")
     assert proc.poll() is None, log.read_text()
     return proc
+
+
+def libfaketime() -> Path:
+    for lib in sorted(Path("/usr/lib").glob("*/faketime/libfaketimeMT.so.1")):
+        return lib
+    pytest.fail("libfaketime is missing: apt-get install faketime (scripts/setup.sh)")
+
+
+def clock_moved(offset: str) -> dict[str, str]:
+    """The environment that runs the service with its clock moved by ``offset``; file
+    times on disk stay the kernel's, as on a host whose clock was set wrong."""
+    return {
+        "LD_PRELOAD": str(libfaketime()),
+        "FAKETIME": offset,
+        "NO_FAKE_STAT": "1",
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+    }

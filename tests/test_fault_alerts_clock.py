@@ -26,7 +26,7 @@ import pytest
 from rawtransfer import synth
 from rawtransfer.steps import settle
 from tests.conftest import Tree
-from tests.helpers import run_rt, sqlite_rows, start_watcher, wait_for
+from tests.helpers import clock_moved, run_rt, sqlite_rows, start_watcher, wait_for
 from tests.oracle import oracle
 
 Rows = list[dict[str, object]]
@@ -173,23 +173,6 @@ def test_slack_down_never_delays_transfers_and_later_alerts_arrive(
 # --- the clock moved around the backfill window ---------------------------------------------
 
 
-def _libfaketime() -> Path:
-    for lib in sorted(Path("/usr/lib").glob("*/faketime/libfaketimeMT.so.1")):
-        return lib
-    pytest.fail("libfaketime is missing: apt-get install faketime (scripts/setup.sh)")
-
-
-def _clock(offset: str) -> dict[str, str]:
-    """The environment that runs the service with its clock moved by ``offset``; file
-    times on disk stay the kernel's, as on a host whose clock was set wrong."""
-    return {
-        "LD_PRELOAD": str(_libfaketime()),
-        "FAKETIME": offset,
-        "NO_FAKE_STAT": "1",
-        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
-    }
-
-
 def _aged(path: Path, hours: float, now: float) -> Path:
     t = now - hours * 3600
     os.utime(path, (t, t))
@@ -205,11 +188,11 @@ def test_clock_moved_around_the_backfill_window(tree: Tree) -> None:
     c = _aged(frames[3], 13.5, now)
     e = frames[4]
     e.rename(tree.root / e.name)  # arrives later
-    probe = run_rt("--version", env=_clock("-1h"))
+    probe = run_rt("--version", env=clock_moved("-1h"))
     assert probe.returncode == 0, probe.stderr
 
     def backfill(offset: str | None, hours: str) -> str:
-        env = _clock(offset) if offset else None
+        env = clock_moved(offset) if offset else None
         args = ("--backfill-only", "--backfill-hours", hours, "--patience", "1")
         args += ("--state-dir", str(tree.state))
         r = run_rt(tree.src, tree.dest, *args, env=env, timeout=60)
@@ -246,7 +229,7 @@ def test_clock_moved_around_the_backfill_window(tree: Tree) -> None:
     _oracle(tree)
 
 
-def test_settle_watches_a_file_whose_mtime_is_far_ahead_of_the_clock(tmp_path: Path) -> None:
+def test_settle_watches_a_file_whose_mtime_is_far_ahead_of_theclock_moved(tmp_path: Path) -> None:
     f = synth.write_frame(tmp_path / "a.fits", (16, 16))
     ahead = time.time() + 3600  # written before the clock was set back an hour
     os.utime(f, (ahead, ahead))

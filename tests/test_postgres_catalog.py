@@ -47,6 +47,7 @@ from rawtransfer.catalog.postgres import (
 )
 from rawtransfer.catalog.sqlite import SqliteCatalog
 from rawtransfer.errors import CatalogUnavailable, ConfigError, FileFailed
+from tests.helpers import clock_moved
 from tests.pg_fixture import PgServer, PgTable
 
 RAW_TRANSFER = str(Path(sys.executable).with_name("raw-transfer"))
@@ -760,8 +761,6 @@ def test_a_host_whose_clock_runs_ahead_does_not_take_over_a_live_claim(
     server's clock: a host whose clock runs 20 minutes ahead (more than the lease) must
     not take over a claim that another host holds and is working on, which would send
     the file twice. The second host is a process of its own under libfaketime."""
-    from tests.test_fault_alerts_clock import _clock
-
     init_schema(target(pg_server), pg_table.name, META)
     cat = PostgresCatalog(target(pg_server), pg_table.name, META)
     try:
@@ -787,7 +786,7 @@ def test_a_host_whose_clock_runs_ahead_does_not_take_over_a_live_claim(
     args = [pg_server.host, str(pg_server.port), pg_server.user, pg_server.dbname]
     out = subprocess.run(
         [sys.executable, "-c", script, *args, pg_table.name, sha("c")],
-        env={**os.environ, **_clock("+20m")},
+        env={**os.environ, **clock_moved("+20m")},
         capture_output=True,
         text=True,
         timeout=60,
