@@ -43,7 +43,7 @@ HEARTBEAT_INTERVAL = 300.0
 def catalog_label(s: Settings) -> str:
     """The catalog as the live files and ``status`` name it (no password, ever)."""
     if s.uses_postgres:
-        from rawtransfer.catalog.postgres import PgTarget
+        from rawtransfer.catalog.pg_connect import PgTarget
 
         return PgTarget.from_settings(s).description
     # absolute: the service and the operator may name the state directory differently

@@ -35,16 +35,9 @@ from rawtransfer.catalog.base import (
     State,
     utcnow,
 )
-from rawtransfer.catalog.postgres import (
-    CALL_DEADLINE,
-    POOL_TIMEOUT,
-    Deadlines,
-    PgTarget,
-    PostgresCatalog,
-    init_schema,
-    redact,
-    upgrade_schema,
-)
+from rawtransfer.catalog.pg_connect import CALL_DEADLINE, POOL_TIMEOUT, Deadlines, PgTarget, redact
+from rawtransfer.catalog.pg_schema import init_schema, upgrade_schema
+from rawtransfer.catalog.postgres import PostgresCatalog
 from rawtransfer.catalog.sqlite import SqliteCatalog
 from rawtransfer.errors import CatalogUnavailable, ConfigError, FileFailed
 from tests.helpers import clock_moved
@@ -772,7 +765,8 @@ def test_a_host_whose_clock_runs_ahead_does_not_take_over_a_live_claim(
         "import sys\n"
         "from datetime import date\n"
         "from rawtransfer.catalog.base import FileFacts, Owner, utcnow\n"
-        "from rawtransfer.catalog.postgres import PgTarget, PostgresCatalog\n"
+        "from rawtransfer.catalog.pg_connect import PgTarget\n"
+        "from rawtransfer.catalog.postgres import PostgresCatalog\n"
         "host, port, user, db, table, sha1 = sys.argv[1:7]\n"
         "cat = PostgresCatalog(PgTarget.build(host, int(port), user, db), table, "
         "('tel', 'run'))\n"

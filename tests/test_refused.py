@@ -18,7 +18,8 @@ from psycopg import sql
 
 from rawtransfer import synth
 from rawtransfer.catalog.base import FileFacts, Owner, utcnow
-from rawtransfer.catalog.postgres import PgTarget, PostgresCatalog
+from rawtransfer.catalog.pg_connect import PgTarget
+from rawtransfer.catalog.postgres import PostgresCatalog
 from rawtransfer.catalog.sqlite import SqliteCatalog
 from rawtransfer.destination.local import LocalDestination
 from rawtransfer.errors import (

@@ -19,7 +19,8 @@ from psycopg import sql
 
 from rawtransfer import synth
 from rawtransfer.catalog.base import Owner, utcnow
-from rawtransfer.catalog.postgres import PgTarget, init_schema
+from rawtransfer.catalog.pg_connect import PgTarget
+from rawtransfer.catalog.pg_schema import init_schema
 from rawtransfer.catalog.sqlite import SqliteCatalog
 from rawtransfer.live import Publisher, live_path
 from rawtransfer.ops.status import IN_FLIGHT, RECENT

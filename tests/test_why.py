@@ -16,7 +16,9 @@ import pytest
 
 from rawtransfer import synth
 from rawtransfer.catalog.base import Catalog, FileFacts, Owner, State, utcnow
-from rawtransfer.catalog.postgres import PgTarget, PostgresCatalog, init_schema, upgrade_schema
+from rawtransfer.catalog.pg_connect import PgTarget
+from rawtransfer.catalog.pg_schema import init_schema, upgrade_schema
+from rawtransfer.catalog.postgres import PostgresCatalog
 from rawtransfer.catalog.sqlite import SqliteCatalog
 from rawtransfer.ops import why
 from tests.conftest import Tree

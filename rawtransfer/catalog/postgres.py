@@ -4,34 +4,21 @@ Several hosts share one table, the upstream one after ``raw-transfer db upgrade`
 semantics are those of the SQLite catalog (``sqlite.py``) statement for statement; what
 differs is what a network database needs: a pool whose connections are checked before
 use (a database restart costs a reconnect, not a file), a client-side deadline on every
-call (a hung server fails the call instead of hanging a worker), row locks with
-``SKIP LOCKED`` so exactly one host takes over a stale claim, and no DDL in the service
-(it needs only SELECT, INSERT and UPDATE; ``init_schema``/``upgrade_schema`` are run
-by an operator through ``raw-transfer db init|upgrade``).
-
-Passwords come from ``~/.pgpass`` (or ``PGPASSFILE``) or ``PGPASSWORD``, read by libpq;
-they are never accepted in a DSN, and error texts are scrubbed of ``password=`` anyway.
+call (``pg_connect.py``: a hung server fails the call instead of hanging a worker), row
+locks with ``SKIP LOCKED`` so exactly one host takes over a stale claim, and no DDL in
+the service (it needs only SELECT, INSERT and UPDATE; ``init_schema``/``upgrade_schema``
+in ``pg_schema.py`` are run by an operator through ``raw-transfer db init|upgrade``).
 """
 
 from __future__ import annotations
 
-import getpass
 import logging
-import os
-import re
-import socket
-import threading
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from datetime import date, datetime
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from rawtransfer.catalog.base import (
@@ -51,80 +38,40 @@ from rawtransfer.catalog.base import (
     Row,
     State,
     VerifiedCopy,
-    identifier,
     judge_existing,
     merge_handled,
     resolve_history,
     utcnow,
 )
-from rawtransfer.errors import (
-    CatalogRefused,
-    CatalogUnavailable,
-    ConfigError,
-    FileFailed,
-    catalog_error,
+from rawtransfer.catalog.pg_connect import (
+    CALL_DEADLINE,
+    CHECK_DEADLINE,
+    CONNECT_TIMEOUT,
+    POOL_CLOSE_TIMEOUT,
+    POOL_TIMEOUT,
+    SCAN_DEADLINE,
+    Conn,
+    Deadlines,
+    Guard,
+    PgSettings,
+    PgTarget,
+    connect,
+    describe_error,
 )
+from rawtransfer.catalog.pg_schema import NAME_EXPR, sql_name, table_columns
+from rawtransfer.errors import CatalogUnavailable, ConfigError, FileFailed, catalog_error
 
 log = logging.getLogger(__name__)
 
-Conn = psycopg.Connection[TupleRow]
 T = TypeVar("T")
 
-# libpq's connect_timeout (whole seconds). A healthy server answers in milliseconds, a
-# busy one within a second or two; five seconds is long enough not to cry wolf and short
-# enough that the canary notices an unreachable server within one of its intervals.
-CONNECT_TIMEOUT = 5
-# Client-side deadline for one catalog call. Each call is one or a few single-row index
-# lookups that take well under a millisecond; five seconds means the server is hung (or
-# the network is gone), and a worker must not wait longer than that to find out.
-CALL_DEADLINE = 5.0
-# handled_sources may scan every row of a years-old upstream table (no index covers the
-# upstream rows' created_at); a few million rows take seconds, so it gets more room.
-SCAN_DEADLINE = 30.0
-# Deadline for the pool's liveness check of a connection before it is handed out: one
-# empty query round trip. A connection that cannot answer that in two seconds is dropped
-# and another is taken, so a single stopped backend costs two seconds, not a file.
-CHECK_DEADLINE = 2.0
-# How long a call waits for a connection from the pool (checks and reconnects included)
-# before the catalog counts as unavailable: the same bound as a call, for the same reason.
-POOL_TIMEOUT = 5.0
-# Server side: a row lock held by another session (a claim being taken over) is waited
-# for at most this long; shorter than CALL_DEADLINE, so the server gives a clean error
-# and the connection survives, instead of the client cutting the socket.
-LOCK_TIMEOUT_MS = 3_000
 # A claim's lease is written and judged by the catalog server's clock (naive UTC: the
 # session's time zone is UTC), never by a host's: hosts share this catalog, and one
 # whose clock runs ahead by more than the lease would take over the live claims of the
 # others (and send their files a second time); one running behind would hold its own
 # past their time.
 SERVER_NOW = "localtimestamp"
-# Server side: a session that stops in the middle of a transaction (a host frozen or cut
-# off while taking over a claim) releases its row locks after this long.
-IDLE_IN_TRANSACTION_TIMEOUT_MS = 30_000
-# TCP keepalives find a dead peer on an idle pooled connection (a rebooted server, a
-# dropped NAT entry): first probe after 10 s idle, then every 5 s, gone after 3 misses.
-# TCP_USER_TIMEOUT bounds unacknowledged writes the same way (milliseconds).
-KEEPALIVE = {
-    "keepalives": "1",
-    "keepalives_idle": "10",
-    "keepalives_interval": "5",
-    "keepalives_count": "3",
-    "tcp_user_timeout": "10000",
-}
-# Schema changes: CREATE INDEX on a large upstream table can take minutes; an ALTER TABLE
-# waiting for the table lock blocks every other user of the table, so it gives up soon.
-SCHEMA_DEADLINE = 1800.0
-SCHEMA_LOCK_TIMEOUT_MS = 10_000
-# close() waits this long for the pool's threads to finish what they are doing.
-POOL_CLOSE_TIMEOUT = 5.0
 
-# Metadata columns created by rawtransfer have no declared type upstream could tell us;
-# text holds every value a regex group yields (integers are cast on assignment), while
-# an existing upstream table keeps its own smallint/int columns.
-METADATA_TYPE = "text"
-
-# The last component of a source path, as an indexable (immutable) expression.
-NAME_EXPR = "regexp_replace(source_filepath, '^.*/', '')"
 # The columns ``why`` may look a row or an event up by, all indexed.
 _LOOKUP = {
     "sha1_hash": "sha1_hash",
@@ -147,211 +94,6 @@ _EVENT_COLUMNS = (
     "identity",
 )
 
-_PASSWORD_RE = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
-_URI_PASSWORD_RE = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
-
-
-def redact(text: str) -> str:
-    """Remove anything that looks like a password from a message."""
-    return _URI_PASSWORD_RE.sub(r"\1***@", _PASSWORD_RE.sub(r"\1***", text))
-
-
-def _name(name: str) -> sql.Identifier:
-    return sql.Identifier(identifier(name))
-
-
-class PgSettings(Protocol):
-    """The settings the PostgreSQL catalog reads (config.Settings has them all; the
-    catalog does not import the configuration)."""
-
-    @property
-    def db_host(self) -> str | None: ...
-    @property
-    def db_port(self) -> int: ...
-    @property
-    def db_user(self) -> str | None: ...
-    @property
-    def db_name(self) -> str | None: ...
-    @property
-    def db_dsn(self) -> str | None: ...
-    @property
-    def db_table(self) -> str: ...
-    @property
-    def workers(self) -> int: ...
-    @property
-    def metadata_columns(self) -> tuple[str, ...]: ...
-
-
-def _message(exc: BaseException) -> str:
-    # libpq messages run over several lines (FATAL, DETAIL, HINT); one line suits a log
-    return redact(" ".join(str(exc).split()))
-
-
-# ---------------------------------------------------------------------------------------
-# where the database is
-
-
-@dataclass(frozen=True)
-class PgTarget:
-    """A libpq connection string without a password, and how to name it in messages."""
-
-    conninfo: str = field(repr=False)
-    description: str
-
-    @classmethod
-    def from_settings(cls, s: PgSettings) -> PgTarget:
-        return cls.build(s.db_host, s.db_port, s.db_user, s.db_name, s.db_dsn)
-
-    @classmethod
-    def build(
-        cls,
-        host: str | None = None,
-        port: int | None = None,
-        user: str | None = None,
-        dbname: str | None = None,
-        dsn: str | None = None,
-    ) -> PgTarget:
-        base: dict[str, Any] = {}
-        if dsn:
-            try:
-                base = conninfo_to_dict(dsn)
-            except psycopg.ProgrammingError:
-                # psycopg's message quotes the string, which may hold a secret
-                raise ConfigError("--db-dsn is not a valid libpq connection string") from None
-            if "password" in base:
-                raise ConfigError(
-                    "--db-dsn must not contain a password: put it in ~/.pgpass "
-                    "(or the file named by PGPASSFILE) or in PGPASSWORD"
-                )
-        for key, value in (("host", host), ("user", user), ("dbname", dbname)):
-            if value:
-                base[key] = value
-        # --db-port has a default; it overrides a DSN's port only when it says something
-        if port and (not dsn or port != 5432 or "port" not in base):
-            base["port"] = str(port)
-        params = {
-            **KEEPALIVE,
-            "connect_timeout": str(CONNECT_TIMEOUT),
-            "application_name": "rawtransfer",
-            **base,
-        }
-        # Our timestamps are naive UTC (as upstream's columns); the session time zone
-        # makes the server's default now() for created_at agree with them.
-        params["options"] = (
-            f"-c TimeZone=UTC -c lock_timeout={LOCK_TIMEOUT_MS} "
-            f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_MS} "
-            + base.get("options", "")  # the operator's own options come last and win
-        ).strip()
-        env = os.environ
-        who = base.get("user") or env.get("PGUSER") or getpass.getuser()
-        where = base.get("host") or env.get("PGHOST") or "local socket"
-        port_text = base.get("port") or env.get("PGPORT") or "5432"
-        db = base.get("dbname") or env.get("PGDATABASE") or who
-        return cls(make_conninfo("", **params), f"postgresql {who}@{where}:{port_text}/{db}")
-
-
-# ---------------------------------------------------------------------------------------
-# client-side deadlines
-
-
-class _Guard:
-    __slots__ = ("fired",)
-
-    def __init__(self) -> None:
-        self.fired = False
-
-
-class Deadlines:
-    """One thread that cuts the socket of any call that overruns its deadline.
-
-    A stopped (SIGSTOP) or wedged backend never answers, so neither statement_timeout nor
-    a cancel request helps; shutting the socket down makes libpq's pending read return
-    at once with an error, the connection is marked broken and the pool replaces it.
-    """
-
-    def __init__(self, name: str = "catalog-deadlines") -> None:
-        self._cond = threading.Condition()
-        self._armed: dict[_Guard, tuple[float, int]] = {}
-        self._wake_at = float("inf")
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    @contextmanager
-    def guard(self, conn: Conn, seconds: float) -> Iterator[_Guard]:
-        g = _Guard()
-        fd = conn.fileno()
-        due = time.monotonic() + seconds
-        with self._cond:
-            self._armed[g] = (due, fd)
-            if due < self._wake_at:  # the thread sleeps past this deadline: wake it
-                self._cond.notify()
-        try:
-            yield g
-        finally:
-            # under the lock, so the socket is never cut after the call has finished
-            with self._cond:
-                self._armed.pop(g, None)
-
-    def _run(self) -> None:
-        with self._cond:
-            while not self._stopping:
-                now = time.monotonic()
-                for g, (due, fd) in list(self._armed.items()):
-                    if due <= now:
-                        del self._armed[g]
-                        g.fired = True
-                        _cut(fd)
-                self._wake_at = min((due for due, _ in self._armed.values()), default=now + 3600)
-                self._cond.wait(self._wake_at - now)
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-        self._thread.join(POOL_CLOSE_TIMEOUT)
-
-
-def _cut(fd: int) -> None:
-    """Shut the connection's socket down without closing libpq's descriptor."""
-    try:
-        sock = socket.socket(fileno=os.dup(fd))
-    except OSError:
-        return
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    finally:
-        sock.close()
-
-
-_REFUSED_AT_CONNECT = (
-    "password authentication failed",
-    "no pg_hba.conf entry",
-    "does not exist",  # the role or the database
-    "permission denied",
-    "no password supplied",
-)
-
-
-def _connect(target: PgTarget) -> Conn:
-    """One connection outside the pool, failing with a message an operator can act on."""
-    try:
-        return psycopg.connect(target.conninfo, autocommit=True)
-    except psycopg.OperationalError as exc:
-        message = f"cannot connect to {target.description}: {_message(exc)}"
-        # libpq reports a refused login as text, with no SQLSTATE on the exception
-        if any(t in str(exc) for t in _REFUSED_AT_CONNECT):
-            raise CatalogRefused(message) from None
-        raise catalog_error(message, exc) from None
-    except psycopg.Error as exc:  # a malformed parameter, say
-        raise ConfigError(f"{target.description}: {_message(exc)}") from None
-
-
-# ---------------------------------------------------------------------------------------
-# the catalog
-
 
 class PostgresCatalog:
     """The Catalog protocol on a PostgreSQL table shared by every host."""
@@ -365,11 +107,11 @@ class PostgresCatalog:
     ) -> None:
         self.target = target
         self.table = table
-        self.t = _name(table)
-        self.ev = _name(f"{table}_events")
+        self.t = sql_name(table)
+        self.ev = sql_name(f"{table}_events")
         self.metadata_columns = metadata_columns
         for c in metadata_columns:
-            _name(c)
+            sql_name(c)
         self._deadlines = Deadlines()
         try:
             self._verify_schema()
@@ -408,14 +150,14 @@ class PostgresCatalog:
 
     def _verify_schema(self) -> None:
         """Refuse to start on a table that ``db init``/``db upgrade`` has not prepared."""
-        conn = _connect(self.target)
+        conn = connect(self.target)
         try:
             with self._deadlines.guard(conn, CALL_DEADLINE) as g:
                 try:
-                    have = _columns(conn, self.table)
-                    have_ev = _columns(conn, f"{self.table}_events")
+                    have = table_columns(conn, self.table)
+                    have_ev = table_columns(conn, f"{self.table}_events")
                 except psycopg.Error as exc:
-                    why = "no answer in time" if g.fired else _message(exc)
+                    why = "no answer in time" if g.fired else describe_error(exc)
                     raise CatalogUnavailable(f"{self.target.description}: {why}") from None
         finally:
             conn.close()
@@ -438,7 +180,7 @@ class PostgresCatalog:
 
     def _run(self, what: str, fn: Callable[[Conn], T], seconds: float = CALL_DEADLINE) -> T:
         """Run ``fn`` on a checked pooled connection within ``seconds``; map the errors."""
-        guard: _Guard | None = None
+        guard: Guard | None = None
         try:
             with self._pool.connection() as conn, self._deadlines.guard(conn, seconds) as guard:
                 return fn(conn)
@@ -449,14 +191,14 @@ class PostgresCatalog:
         except psycopg.DataError as exc:
             # a value that does not fit its column (a metadata group vs a smallint):
             # this file's problem, not the database's
-            raise FileFailed(f"catalog {what}: {_message(exc)}") from None
+            raise FileFailed(f"catalog {what}: {describe_error(exc)}") from None
         except psycopg.Error as exc:
             if guard is not None and guard.fired:
                 why = f"no answer within {seconds:g} s (server hung?); connection dropped"
             else:
                 # a missing privilege is refused until a person grants it
                 raise catalog_error(
-                    f"{self.target.description}: {what}: {_message(exc)}", exc
+                    f"{self.target.description}: {what}: {describe_error(exc)}", exc
                 ) from None
         raise CatalogUnavailable(f"{self.target.description}: {what}: {why}")
 
@@ -952,153 +694,3 @@ class PostgresCatalog:
         if pool is not None and not pool.closed:
             pool.close(POOL_CLOSE_TIMEOUT)
         self._deadlines.stop()
-
-
-# ---------------------------------------------------------------------------------------
-# schema: run by an operator (raw-transfer db init|upgrade), never by the service
-
-
-def _indexes(conn: Conn, table: str) -> set[str]:
-    """The names of the indexes on ``table`` and on its events table."""
-    rows = conn.execute(
-        "select indexrelid::regclass::text from pg_index "
-        "where indrelid in (to_regclass(quote_ident(%s)), to_regclass(quote_ident(%s)))",
-        (table, f"{table}_events"),
-    ).fetchall()
-    return {r[0] for r in rows}
-
-
-def _columns(conn: Conn, table: str) -> set[str] | None:
-    """The columns of ``table`` as the search path resolves it, or None if it is absent."""
-    row = conn.execute("select to_regclass(quote_ident(%s))::oid", (table,)).fetchone()
-    if row is None or row[0] is None:
-        return None
-    rows = conn.execute(
-        "select attname from pg_attribute where attrelid = %s and attnum > 0 and not attisdropped",
-        (row[0],),
-    ).fetchall()
-    return {r[0] for r in rows}
-
-
-def _schema_statements(
-    table: str, metadata_columns: tuple[str, ...], create: bool
-) -> list[sql.Composed]:
-    t = _name(table)
-    ev = _name(f"{table}_events")
-    meta = [(c, METADATA_TYPE) for c in metadata_columns]
-    for c, _ in meta:
-        _name(c)
-    out: list[sql.Composed] = []
-    if create:
-        # the upstream DDL (SPEC.md), then the metadata and the extra columns
-        cols = [*UPSTREAM_COLUMNS, *meta, ("created_at", "timestamp default now() not null")]
-        cols += list(EXTRA_COLUMNS)
-        out.append(
-            sql.SQL("create table if not exists {t} ({cols})").format(
-                t=t,
-                cols=sql.SQL(", ").join(
-                    sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(ddl)) for c, ddl in cols
-                ),
-            )
-        )
-    # On an existing (upstream) table: a constant default makes ADD COLUMN a catalog-only
-    # change in PostgreSQL 11+, and state defaults to 'done', which is what upstream rows are.
-    for c, ddl in (*meta, *EXTRA_COLUMNS):
-        out.append(
-            sql.SQL("alter table {t} add column if not exists {c} {ddl}").format(
-                t=t, c=sql.Identifier(c), ddl=sql.SQL(ddl)
-            )
-        )
-    out += [
-        sql.SQL("create index if not exists {i} on {t} (source_filepath)").format(
-            i=_name(f"{table}_source_idx"), t=t
-        ),
-        sql.SQL("create index if not exists {i} on {t} (state, updated_at)").format(
-            i=_name(f"{table}_state_idx"), t=t
-        ),
-        sql.SQL(
-            "create table if not exists {ev} ("
-            "id bigint generated always as identity primary key, "
-            "at timestamp not null, sha1_hash varchar(40), source_filepath text not null, "
-            "state text not null, host text, pid integer, reason text, identity text)"
-        ).format(ev=ev),
-        sql.SQL("alter table {ev} add column if not exists identity text").format(ev=ev),
-        sql.SQL("create index if not exists {i} on {ev} (source_filepath, id)").format(
-            i=_name(f"{table}_events_source_idx"), ev=ev
-        ),
-        sql.SQL("create index if not exists {i} on {ev} (at)").format(
-            i=_name(f"{table}_events_at_idx"), ev=ev
-        ),
-        # for the operators' status and why (look-ups by content, archive path and name)
-        *(
-            sql.SQL("create index if not exists {i} on {t} ({e})").format(
-                i=_name(f"{table}_{suffix}"), t=on, e=sql.SQL(expr)
-            )
-            for suffix, on, expr in (
-                ("raw_sha1_idx", t, "raw_sha1"),
-                ("filepath_idx", t, "filepath"),
-                ("name_idx", t, NAME_EXPR),
-                ("events_sha1_idx", ev, "sha1_hash"),
-                ("events_name_idx", ev, NAME_EXPR),
-            )
-        ),
-    ]
-    return out
-
-
-def _apply(target: PgTarget, table: str, metadata_columns: tuple[str, ...], init: bool) -> str:
-    statements = _schema_statements(table, metadata_columns, create=init)  # validates names
-    deadlines = Deadlines("schema-deadline")
-    try:
-        conn = _connect(target)
-        try:
-            with deadlines.guard(conn, SCHEMA_DEADLINE) as g:
-                try:
-                    before = _columns(conn, table)
-                    if before is None and not init:
-                        raise ConfigError(
-                            f"{target.description}: table {table} does not exist; "
-                            "create it with: raw-transfer db init"
-                        )
-                    had_events = _columns(conn, f"{table}_events") is not None
-                    indexes_before = _indexes(conn, table)
-                    # all or nothing: PostgreSQL's DDL is transactional
-                    with conn.transaction():
-                        conn.execute(
-                            sql.SQL("set local lock_timeout = {}").format(
-                                sql.Literal(SCHEMA_LOCK_TIMEOUT_MS)
-                            )
-                        )
-                        for st in statements:
-                            conn.execute(st)
-                    after = _columns(conn, table) or set()
-                    new_indexes = sorted(_indexes(conn, table) - indexes_before)
-                except psycopg.Error as exc:
-                    why = "no answer in time" if g.fired else _message(exc)
-                    raise CatalogUnavailable(f"{target.description}: {why}") from None
-        finally:
-            conn.close()
-    finally:
-        deadlines.stop()
-    if before is None:
-        return f"created table {table} and {table}_events in {target.description}"
-    added = sorted(after - before)
-    parts = [f"added columns {', '.join(added)}"] if added else []
-    if new_indexes and had_events:
-        parts.append(f"added indexes {', '.join(new_indexes)}")
-    if not had_events:
-        parts.append(f"created {table}_events")
-    did = "; ".join(parts) or "already up to date"
-    return f"table {table} in {target.description}: {did}; every existing row kept"
-
-
-def init_schema(target: PgTarget, table: str, metadata_columns: tuple[str, ...] = ()) -> str:
-    """Create the catalog table, its indexes and its events table (an existing table is
-    upgraded instead); returns a one-line summary."""
-    return _apply(target, table, metadata_columns, init=True)
-
-
-def upgrade_schema(target: PgTarget, table: str, metadata_columns: tuple[str, ...] = ()) -> str:
-    """Add the missing columns, indexes and the events table to an existing (upstream)
-    table, keeping its rows; safe to run again. Returns a one-line summary."""
-    return _apply(target, table, metadata_columns, init=False)

@@ -787,7 +787,7 @@ def _matcher(s: Settings) -> Matcher:
 
 def describe_catalog(s: Settings) -> str:
     if s.uses_postgres:
-        from rawtransfer.catalog.postgres import PgTarget
+        from rawtransfer.catalog.pg_connect import PgTarget
 
         return f"{PgTarget.from_settings(s).description} table {s.db_table}"
     return f"sqlite {s.state_dir / 'catalog.sqlite3'} table {s.db_table}"

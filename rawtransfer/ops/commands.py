@@ -127,10 +127,11 @@ def _db(action: str, values: dict[str, Any]) -> int:
         raise ConfigError(f"--db-table {table!r} is not a lower-case SQL identifier")
     s = Settings(source_dir=Path("."), dest=None, **values)  # type: ignore[arg-type]
     if s.uses_postgres:
-        from rawtransfer.catalog import postgres
+        from rawtransfer.catalog.pg_connect import PgTarget
+        from rawtransfer.catalog.pg_schema import init_schema, upgrade_schema
 
-        run = postgres.init_schema if action == "init" else postgres.upgrade_schema
-        print(f"raw-transfer: {run(postgres.PgTarget.from_settings(s), table, s.metadata_columns)}")
+        run = init_schema if action == "init" else upgrade_schema
+        print(f"raw-transfer: {run(PgTarget.from_settings(s), table, s.metadata_columns)}")
         return 0
     cat = SqliteCatalog(s.state_dir / "catalog.sqlite3", s.db_table, s.metadata_columns)
     cat.close()

@@ -56,7 +56,8 @@ def _check_sqlite(s: Settings) -> None:
 
 def open_catalog(s: Settings) -> Catalog:
     if s.uses_postgres:
-        from rawtransfer.catalog.postgres import PgTarget, PostgresCatalog
+        from rawtransfer.catalog.pg_connect import PgTarget
+        from rawtransfer.catalog.postgres import PostgresCatalog
 
         return PostgresCatalog(
             PgTarget.from_settings(s), s.db_table, s.metadata_columns, pool_size=1
