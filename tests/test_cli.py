@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -230,3 +233,75 @@ def test_help_lists_every_subcommand_and_no_arguments_prints_the_usage() -> None
     assert helped.returncode == 0
     for word in SUBCOMMANDS:
         assert f"raw-transfer {word} " in bare.stderr and f"raw-transfer {word} " in helped.stdout
+
+
+# --- one source for every option ------------------------------------------------------------
+
+# flags that are not settings: the file of settings itself, and argparse's own
+NOT_SETTINGS = {"config", "help", "version"}
+
+
+def _flags() -> dict[str, argparse.Action]:
+    from rawtransfer.options import build_parser
+
+    return {
+        a.dest: a
+        for a in build_parser()._actions
+        if a.option_strings or a.dest in ("source_dir", "dest")
+    }
+
+
+def _default(f: dataclasses.Field[object]) -> object:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None  # required (SOURCE_DIR, DEST)
+
+
+def test_every_setting_is_one_flag_and_every_flag_one_setting() -> None:
+    """Settings (config.py) holds each option's type and default, and TOML keys and type
+    checks are derived from it; the parser (options.py) holds its flag and help. Neither
+    may have an option the other lacks."""
+    from rawtransfer.config import SETTING_NAMES
+
+    assert set(_flags()) - NOT_SETTINGS == set(SETTING_NAMES)
+
+
+def test_the_defaults_that_help_states_are_the_settings_defaults() -> None:
+    from rawtransfer.config import Settings
+
+    defaults = {f.name: _default(f) for f in dataclasses.fields(Settings)}
+    stated = 0
+    for dest, action in _flags().items():
+        m = re.search(r"\(default ([^)]*)\)", action.help or "")
+        if m is None or dest in NOT_SETTINGS:
+            continue
+        text, value = m.group(1).strip("'`"), defaults[dest]
+        if isinstance(value, bool) or not isinstance(value, int | float | str | tuple):
+            continue  # described in words ("the user's", "off")
+        if isinstance(value, tuple):
+            value = " ".join(str(v) for v in value)
+        if isinstance(value, int | float) and re.fullmatch(r"[\d.]+", text):
+            assert float(text) == value, (dest, text, value)
+        elif isinstance(value, str) and " " not in text:  # not "the host name"
+            assert text == value, (dest, text, value)
+        else:
+            continue
+        stated += 1
+    assert stated >= 10  # the check looked at the figures it is meant to
+
+
+def test_the_readme_names_every_flag() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme[readme.index("### Options") : readme.index("## Operators")]
+    missing = []
+    for dest, action in _flags().items():
+        if dest in NOT_SETTINGS or not action.option_strings:
+            continue
+        flag = action.option_strings[0]
+        # families are written once: `--db-host/-user/-name`, `--overwrite-unpacked-hours`
+        # as `-hours` after its family's first flag
+        if flag not in table and f"-{flag.rsplit('-', 1)[-1]}" not in table:
+            missing.append(flag)
+    assert not missing, missing
