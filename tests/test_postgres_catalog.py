@@ -35,10 +35,11 @@ from rawtransfer.catalog.base import (
     State,
     utcnow,
 )
-from rawtransfer.catalog.pg_connect import CALL_DEADLINE, POOL_TIMEOUT, Deadlines, PgTarget, redact
+from rawtransfer.catalog.pg_connect import CALL_DEADLINE, POOL_TIMEOUT, PgTarget, cut, redact
 from rawtransfer.catalog.pg_schema import init_schema, upgrade_schema
 from rawtransfer.catalog.postgres import PostgresCatalog
 from rawtransfer.catalog.sqlite import SqliteCatalog
+from rawtransfer.deadlines import Deadlines
 from rawtransfer.errors import CatalogUnavailable, ConfigError, FileFailed
 from tests.helpers import clock_moved
 from tests.pg_fixture import PgServer, PgTable
@@ -623,21 +624,21 @@ def _wait_until(ok: Callable[[], bool], seconds: float) -> bool:
 
 
 def test_deadline_cuts_a_call_to_a_stopped_backend(pg_server: PgServer) -> None:
-    deadlines = Deadlines()
+    deadlines = Deadlines("test-deadlines")
     conn = pg_server.connect()
     try:
         row = conn.execute("select pg_backend_pid()").fetchone()
         assert row is not None
         with stopped(row[0]):
             t0 = time.monotonic()
-            with pytest.raises(psycopg.OperationalError), deadlines.guard(conn, 1.0) as g:
+            with pytest.raises(psycopg.OperationalError), deadlines.watch(1.0, cut(conn)) as g:
                 conn.execute("select 1")
             took = time.monotonic() - t0
         assert g.fired
         assert 0.9 <= took < 5.0, took
     finally:
         conn.close()
-        deadlines.stop()
+        deadlines.close()
 
 
 def test_stopped_backend_costs_no_call(pg_server: PgServer, pg_table: PgTable) -> None:

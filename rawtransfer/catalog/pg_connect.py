@@ -16,10 +16,7 @@ import getpass
 import os
 import re
 import socket
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -172,62 +169,15 @@ class PgTarget:
 # client-side deadlines
 
 
-class Guard:
-    __slots__ = ("fired",)
-
-    def __init__(self) -> None:
-        self.fired = False
-
-
-class Deadlines:
-    """One thread that cuts the socket of any call that overruns its deadline.
+def cut(conn: Conn) -> Callable[[], None]:
+    """What a deadline (rawtransfer.deadlines) does to an overrunning call on ``conn``.
 
     A stopped (SIGSTOP) or wedged backend never answers, so neither statement_timeout nor
     a cancel request helps; shutting the socket down makes libpq's pending read return
     at once with an error, the connection is marked broken and the pool replaces it.
     """
-
-    def __init__(self, name: str = "catalog-deadlines") -> None:
-        self._cond = threading.Condition()
-        self._armed: dict[Guard, tuple[float, int]] = {}
-        self._wake_at = float("inf")
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    @contextmanager
-    def guard(self, conn: Conn, seconds: float) -> Iterator[Guard]:
-        g = Guard()
-        fd = conn.fileno()
-        due = time.monotonic() + seconds
-        with self._cond:
-            self._armed[g] = (due, fd)
-            if due < self._wake_at:  # the thread sleeps past this deadline: wake it
-                self._cond.notify()
-        try:
-            yield g
-        finally:
-            # under the lock, so the socket is never cut after the call has finished
-            with self._cond:
-                self._armed.pop(g, None)
-
-    def _run(self) -> None:
-        with self._cond:
-            while not self._stopping:
-                now = time.monotonic()
-                for g, (due, fd) in list(self._armed.items()):
-                    if due <= now:
-                        del self._armed[g]
-                        g.fired = True
-                        _cut(fd)
-                self._wake_at = min((due for due, _ in self._armed.values()), default=now + 3600)
-                self._cond.wait(self._wake_at - now)
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-        self._thread.join(POOL_CLOSE_TIMEOUT)
+    fd = conn.fileno()
+    return lambda: _cut(fd)
 
 
 def _cut(fd: int) -> None:

@@ -12,7 +12,8 @@ import psycopg
 from psycopg import sql
 
 from rawtransfer.catalog.base import EXTRA_COLUMNS, UPSTREAM_COLUMNS, identifier
-from rawtransfer.catalog.pg_connect import Conn, Deadlines, PgTarget, connect, describe_error
+from rawtransfer.catalog.pg_connect import Conn, PgTarget, connect, cut, describe_error
+from rawtransfer.deadlines import Deadlines
 from rawtransfer.errors import CatalogUnavailable, ConfigError
 
 # Schema changes: CREATE INDEX on a large upstream table can take minutes; an ALTER TABLE
@@ -128,7 +129,7 @@ def _apply(target: PgTarget, table: str, metadata_columns: tuple[str, ...], init
     try:
         conn = connect(target)
         try:
-            with deadlines.guard(conn, SCHEMA_DEADLINE) as g:
+            with deadlines.watch(SCHEMA_DEADLINE, cut(conn)) as g:
                 try:
                     before = table_columns(conn, table)
                     if before is None and not init:
@@ -155,7 +156,7 @@ def _apply(target: PgTarget, table: str, metadata_columns: tuple[str, ...], init
         finally:
             conn.close()
     finally:
-        deadlines.stop()
+        deadlines.close()
     if before is None:
         return f"created table {table} and {table}_events in {target.description}"
     added = sorted(after - before)

@@ -51,14 +51,14 @@ from rawtransfer.catalog.pg_connect import (
     POOL_TIMEOUT,
     SCAN_DEADLINE,
     Conn,
-    Deadlines,
-    Guard,
     PgSettings,
     PgTarget,
     connect,
+    cut,
     describe_error,
 )
 from rawtransfer.catalog.pg_schema import NAME_EXPR, sql_name, table_columns
+from rawtransfer.deadlines import Deadlines, Watch
 from rawtransfer.errors import CatalogUnavailable, ConfigError, FileFailed, catalog_error
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class PostgresCatalog:
         self.metadata_columns = metadata_columns
         for c in metadata_columns:
             sql_name(c)
-        self._deadlines = Deadlines()
+        self._deadlines = Deadlines("catalog-deadlines")
         try:
             self._verify_schema()
             self._pool: ConnectionPool[Conn] = ConnectionPool(
@@ -133,7 +133,7 @@ class PostgresCatalog:
                     f"{POOL_TIMEOUT + CONNECT_TIMEOUT:g} s"
                 ) from None
         except BaseException:
-            self._deadlines.stop()
+            self._deadlines.close()
             raise
         log.info("catalog: %s table %s", target.description, table)
 
@@ -145,14 +145,14 @@ class PostgresCatalog:
     # plumbing ----------------------------------------------------------------------
     def _check_connection(self, conn: Conn) -> None:
         """The pool's own check, under a deadline: a stopped backend must not hang it."""
-        with self._deadlines.guard(conn, CHECK_DEADLINE):
+        with self._deadlines.watch(CHECK_DEADLINE, cut(conn)):
             ConnectionPool.check_connection(conn)
 
     def _verify_schema(self) -> None:
         """Refuse to start on a table that ``db init``/``db upgrade`` has not prepared."""
         conn = connect(self.target)
         try:
-            with self._deadlines.guard(conn, CALL_DEADLINE) as g:
+            with self._deadlines.watch(CALL_DEADLINE, cut(conn)) as g:
                 try:
                     have = table_columns(conn, self.table)
                     have_ev = table_columns(conn, f"{self.table}_events")
@@ -180,9 +180,12 @@ class PostgresCatalog:
 
     def _run(self, what: str, fn: Callable[[Conn], T], seconds: float = CALL_DEADLINE) -> T:
         """Run ``fn`` on a checked pooled connection within ``seconds``; map the errors."""
-        guard: Guard | None = None
+        guard: Watch | None = None
         try:
-            with self._pool.connection() as conn, self._deadlines.guard(conn, seconds) as guard:
+            with (
+                self._pool.connection() as conn,
+                self._deadlines.watch(seconds, cut(conn)) as guard,
+            ):
                 return fn(conn)
         except PoolTimeout:
             why = f"no working connection within {POOL_TIMEOUT:g} s (server down or hung?)"
@@ -693,4 +696,4 @@ class PostgresCatalog:
         pool = getattr(self, "_pool", None)
         if pool is not None and not pool.closed:
             pool.close(POOL_CLOSE_TIMEOUT)
-        self._deadlines.stop()
+        self._deadlines.close()

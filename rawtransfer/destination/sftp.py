@@ -16,9 +16,9 @@ lost: that is what ``--ssh-controlmaster`` means here. Every operation has a dea
 connection is dropped and rebuilt next time.
 
 This module is the destination itself: publishing, verifying, the per-thread connections
-and the deadline guard. Where to connect and which host keys to trust are in
-``ssh_target``; the SFTP requests and replies, composed by hand, in ``sftp_wire``. Their
-public names are importable from here as well.
+and what a deadline does to them (rawtransfer.deadlines keeps the time). Where to connect
+and which host keys to trust are in ``ssh_target``; the SFTP requests and replies,
+composed by hand, in ``sftp_wire``. Their public names are importable from here as well.
 """
 
 from __future__ import annotations
@@ -36,8 +36,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from contextlib import suppress
 from datetime import date
 from fnmatch import fnmatchcase
 from functools import partial
@@ -70,6 +69,7 @@ from paramiko.sftp import (
 
 from rawtransfer import faults
 from rawtransfer.config import RemoteDest
+from rawtransfer.deadlines import Deadlines, Watch
 from rawtransfer.destination.base import (
     DIR_MODE,
     FILE_MODE,
@@ -128,8 +128,6 @@ CLEANUP_TIMEOUT = 5.0
 # SSH-level keepalive on an idle connection: keeps NAT and firewall state alive through
 # the quiet hours of a night (many drop idle TCP flows after a few minutes).
 KEEPALIVE_INTERVAL = 15.0
-# How often the deadline guard looks at the stop event while an operation is running.
-GUARD_TICK = 0.25
 
 # --- tuning (measured: benchmarks/sftp_throughput.py) -----------------------------------
 # AES-GCM needs no separate MAC pass and is accelerated by AES-NI: the fastest cipher
@@ -171,73 +169,16 @@ TMP_FLAGS = SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_EXCL
 _SHA1SUM_RE = re.compile(rb"^\\?([0-9a-f]{40}) ")
 
 
-@dataclass
-class _Guard:
-    """A deadline for one operation: past it (or shortly after a stop request) the
-    connection's socket is shut down, which wakes every paramiko call blocked on it,
-    including the ones that take no timeout (opening channels, exec, exit status)."""
-
-    seconds: float
-    fired: str = ""
+def _shut(sock: socket.socket) -> Callable[[], None]:
+    """What a deadline does to an operation past its time (or shortly after a stop
+    request): shut the connection's socket down, which wakes every paramiko call blocked
+    on it, including the ones that take no timeout (opening channels, exec, exit
+    status)."""
+    return lambda: sock.shutdown(socket.SHUT_RDWR)
 
 
-class _Watcher:
-    """One thread watching the deadlines of every running operation, woken every
-    ``GUARD_TICK``; it exits at a tick that finds nothing to watch and the next operation
-    starts it again, so it starts at most a few times a second however many files go by
-    (a thread per operation cost two thread starts per file, about 1 ms of wall time
-    for a 100 KB file's 5 on loopback)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._ops: dict[int, tuple[socket.socket, _Guard, float, threading.Event | None]] = {}
-        self._stop_seen: dict[int, float] = {}
-        self._next = 0
-        self._thread: threading.Thread | None = None
-
-    @contextmanager
-    def watching(
-        self, sock: socket.socket, guard: _Guard, stop: threading.Event | None
-    ) -> Iterator[None]:
-        with self._lock:
-            key = self._next
-            self._next += 1
-            self._ops[key] = (sock, guard, time.monotonic() + guard.seconds, stop)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="sftp-deadline", daemon=True)
-                self._thread.start()
-        try:
-            yield
-        finally:
-            # under the lock: once this returns, the socket is never shut down for this op
-            with self._lock:
-                del self._ops[key]
-                self._stop_seen.pop(key, None)
-
-    def _run(self) -> None:
-        while True:
-            time.sleep(GUARD_TICK)  # a tick, not a wait for a condition: deadlines are coarse
-            now = time.monotonic()
-            with self._lock:
-                if not self._ops:
-                    self._thread = None
-                    return
-                for key, (sock, guard, deadline, stop) in list(self._ops.items()):
-                    if stop is not None and stop.is_set() and key not in self._stop_seen:
-                        # the worker stops at its next request; give it that long to tidy up
-                        self._stop_seen[key] = now + CLEANUP_TIMEOUT
-                    stop_deadline = self._stop_seen.get(key)
-                    if guard.fired:
-                        continue
-                    if now >= deadline or (stop_deadline is not None and now >= stop_deadline):
-                        guard.fired = "stop requested" if now < deadline else "deadline"
-                        with suppress(OSError):
-                            sock.shutdown(socket.SHUT_RDWR)
-
-
-_WATCHER = _Watcher()
-# a child made by fork has no watcher thread, whatever the parent had
-os.register_at_fork(after_in_child=lambda: setattr(_WATCHER, "_thread", None))
+# the worker stops at its next request; a stop request gives it this long to tidy up
+_DEADLINES = Deadlines("sftp-deadlines", stop_grace=CLEANUP_TIMEOUT)
 
 
 # --- the destination --------------------------------------------------------------------
@@ -516,7 +457,7 @@ class SftpDestination:
             sock.close()
             raise
         try:
-            with self._guarded(sock, _Guard(CONNECT_TIMEOUT + BANNER_TIMEOUT + AUTH_TIMEOUT)):
+            with _DEADLINES.watch(CONNECT_TIMEOUT + BANNER_TIMEOUT + AUTH_TIMEOUT, _shut(sock)):
                 client.connect(
                     t.hostname,
                     port=t.port,
@@ -583,13 +524,6 @@ class SftpDestination:
             finally:
                 conn.channel.settimeout(conn.op_timeout)
 
-    @contextmanager
-    def _guarded(
-        self, sock: socket.socket, guard: _Guard, stop: threading.Event | None = None
-    ) -> Iterator[None]:
-        with _WATCHER.watching(sock, guard, stop):
-            yield
-
     def _run(
         self,
         what: str,
@@ -625,21 +559,22 @@ class SftpDestination:
                 raise DestinationUnavailable(
                     f"cannot connect to {t.hostname}:{t.port} ({t.alias}): {_describe(exc)}"
                 ) from None
-            guard = _Guard(seconds)
+            guard: Watch | None = None
             try:
-                with self._guarded(conn.sock, guard, stop):
+                with _DEADLINES.watch(seconds, _shut(conn.sock), stop) as guard:
                     return op(conn)
             except (FileFailed, DestinationUnavailable, Interrupted):
                 raise
             except Exception as exc:
-                lost = is_connection_lost(exc) or bool(guard.fired) or not conn.alive()
+                fired = guard.fired if guard is not None else ""
+                lost = is_connection_lost(exc) or bool(fired) or not conn.alive()
                 if not lost and not isinstance(exc, OSError):
                     raise  # a programming error: let it show
                 if lost:
                     self._drop(conn)
-                if guard.fired == "stop requested":
+                if fired == "stop requested":
                     raise Interrupted(f"{what}: abandoned at shutdown") from None
-                if guard.fired or isinstance(exc, TimeoutError):
+                if fired or isinstance(exc, TimeoutError):
                     raise DestinationUnavailable(
                         f"{what}: no answer from {self.target.alias} within {seconds:g} s "
                         "(--copy-timeout); connection dropped"

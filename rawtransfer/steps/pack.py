@@ -17,8 +17,6 @@ import hashlib
 import logging
 import os
 import subprocess
-import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ from typing import IO
 
 from astropy.io import fits
 
+from rawtransfer.deadlines import Deadlines
 from rawtransfer.destination.base import CHUNK, TMP_SUFFIX
 from rawtransfer.errors import PackError
 from rawtransfer.steps import hashing
@@ -99,14 +98,14 @@ def pack_hashed(
     packed_hash = hashlib.sha1(usedforsecurity=False)
     try:
         with _inherited(source) as (fd, name), open(out, "xb") as outp:
-            with _child([*fpack_args(float_images), "-S", name], fd) as (proc, watch):
+            with _child([*fpack_args(float_images), "-S", name], fd) as (proc, ended):
                 assert proc.stdout is not None
                 raw_sha1 = hashing.sha1_file(source)
                 while chunk := proc.stdout.read(CHUNK):
                     packed_hash.update(chunk)
                     outp.write(chunk)
                 outp.flush()
-            code, err = watch.code, watch.err
+            code, err = ended.code, ended.err
     except FileNotFoundError as exc:
         out.unlink(missing_ok=True)
         if exc.filename == "fpack":
@@ -115,7 +114,7 @@ def pack_hashed(
     except BaseException:
         out.unlink(missing_ok=True)
         raise
-    if watch.expired:
+    if ended.expired:
         out.unlink(missing_ok=True)
         raise PackError(f"fpack took longer than {FPACK_TIMEOUT:g} s")
     if code != 0 or out.stat().st_size == 0:
@@ -159,73 +158,24 @@ PIPE_SIZE = _pipe_size()
 
 
 @dataclass
-class _Watch:
-    """One child under a deadline; ``expired`` once the deadline killed it."""
+class _Ended:
+    """How a child ended: its exit status, its standard error, and whether its deadline
+    (FPACK_TIMEOUT) killed it."""
 
-    proc: subprocess.Popen[bytes]
-    deadline: float
-    expired: bool = False
     code: int = 0
     err: bytes = b""
+    expired: bool = False
 
 
-class _Deadlines:
-    """One thread keeps every child's deadline (a hung read on NFS must give the worker
-    its thread back), instead of a timer thread per child: for a small frame, starting
-    two threads cost more than the rest of its packing in Python. Every deadline is
-    FPACK_TIMEOUT after its start, so the oldest watch is always the first to expire."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._watches: dict[int, _Watch] = {}  # insertion order is deadline order
-        self._thread: threading.Thread | None = None
-
-    def add(self, proc: subprocess.Popen[bytes]) -> _Watch:
-        watch = _Watch(proc, time.monotonic() + FPACK_TIMEOUT)
-        with self._cond:
-            self._watches[id(watch)] = watch
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="deadlines", daemon=True)
-                self._thread.start()
-            self._cond.notify()
-        return watch
-
-    def remove(self, watch: _Watch) -> None:
-        with self._cond:
-            self._watches.pop(id(watch), None)
-            if not self._watches:
-                self._cond.notify()  # to start counting its idle time
-
-    def _run(self) -> None:
-        with self._cond:
-            while True:
-                if not self._watches:
-                    # idle for a while: end, and let the next child start it again
-                    if not self._cond.wait(IDLE_SECONDS) and not self._watches:
-                        self._thread = None
-                        return
-                    continue
-                first = next(iter(self._watches.values()))
-                left = first.deadline - time.monotonic()
-                if left > 0:
-                    self._cond.wait(left)
-                    continue
-                del self._watches[id(first)]
-                first.expired = True
-                with contextlib.suppress(OSError):
-                    first.proc.kill()
-
-
-# How long the deadline thread outlives its last child (a busy night keeps it).
-IDLE_SECONDS = 2.0
-_deadlines = _Deadlines()
+# a hung read (NFS) must give the worker its thread back: the child is killed
+_deadlines = Deadlines("pack-deadlines")
 
 
 @contextlib.contextmanager
-def _child(cmd: list[str], fd: int) -> Iterator[tuple[subprocess.Popen[bytes], _Watch]]:
+def _child(cmd: list[str], fd: int) -> Iterator[tuple[subprocess.Popen[bytes], _Ended]]:
     """Run ``cmd`` with ``fd`` inherited and its output on a pipe, under FPACK_TIMEOUT.
-    On leaving, its standard error and exit status are in the watch; if the caller
-    raised, the child is killed first (it would block on a pipe nobody reads)."""
+    On leaving, how it ended is filled in; if the caller raised, the child is killed
+    first (it would block on a pipe nobody reads)."""
     proc = subprocess.Popen(
         cmd,
         stdin=subprocess.DEVNULL,
@@ -235,18 +185,21 @@ def _child(cmd: list[str], fd: int) -> Iterator[tuple[subprocess.Popen[bytes], _
         pipesize=PIPE_SIZE,
     )
     assert proc.stdout is not None and proc.stderr is not None
-    watch = _deadlines.add(proc)
+    ended = _Ended()
     try:
-        yield proc, watch
-    except BaseException:
-        proc.kill()
-        raise
+        with _deadlines.watch(FPACK_TIMEOUT, proc.kill) as watch:
+            try:
+                yield proc, ended
+            except BaseException:
+                proc.kill()
+                raise
+            finally:
+                ended.expired = bool(watch.fired)
     finally:
-        _deadlines.remove(watch)
         proc.stdout.close()
-        watch.err = proc.stderr.read()
+        ended.err = proc.stderr.read()
         proc.stderr.close()
-        watch.code = proc.wait()
+        ended.code = proc.wait()
 
 
 def copy_to_spool(source: Path, spool: Path) -> Packed:
@@ -321,19 +274,19 @@ def verify_packed(original: Path, packed: Path, layout: Layout | None = None) ->
         with (
             _inherited(packed) as (fd, name),
             open(original, "rb") as orig,
-            _child(["funpack", "-S", name], fd) as (proc, watch),
+            _child(["funpack", "-S", name], fd) as (proc, ended),
         ):
             assert proc.stdout is not None
             _compare_stream(proc.stdout, orig, layout)
     except PackError:
-        if watch.expired:  # its output was cut short by the deadline: say so
+        if ended.expired:  # its output was cut short by the deadline: say so
             raise PackError(f"funpack took longer than {FPACK_TIMEOUT:g} s") from None
         raise
-    if watch.expired:
+    if ended.expired:
         raise PackError(f"funpack took longer than {FPACK_TIMEOUT:g} s")
-    if watch.code != 0:
-        msg = " ".join(watch.err.decode(errors="replace").split())[:300]
-        raise PackError(f"packed file does not decompress: funpack exited {watch.code}: {msg}")
+    if ended.code != 0:
+        msg = " ".join(ended.err.decode(errors="replace").split())[:300]
+        raise PackError(f"packed file does not decompress: funpack exited {ended.code}: {msg}")
 
 
 def _compare_stream(stream: IO[bytes], orig: IO[bytes], layout: Layout) -> None:
