@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 from rawtransfer.errors import ConfigError
 
@@ -90,6 +90,35 @@ TERMINAL = frozenset({State.DONE, State.FAILED, State.QUARANTINED, State.DUPLICA
 def utcnow() -> datetime:
     """Naive UTC, matching upstream's ``timestamp without time zone`` columns."""
     return datetime.now(UTC).replace(tzinfo=None)
+
+
+def done_values(
+    sha1: str,
+    facts: FileFacts,
+    filepath: str,
+    transferred_at: datetime,
+    now: datetime,
+    metadata_columns: tuple[str, ...],
+) -> dict[str, Any]:
+    """The columns of a row recorded as done and verified from an archive file that had
+    none (``register_done``), as Python values."""
+    values: dict[str, Any] = {
+        "sha1_hash": sha1,
+        "source_filepath": facts.source_filepath,
+        "file_created_at": facts.file_created_at,
+        "file_transferred_at": transferred_at,
+        "filepath": filepath,
+        "state": State.DONE.value,
+        "raw_sha1": facts.raw_sha1,
+        "raw_size": facts.raw_size,
+        "packed_size": facts.packed_size,
+        "obs_date": facts.obs_date,
+        "verified_at": now,
+        "updated_at": now,
+    }
+    for c in metadata_columns:
+        values[c] = facts.metadata.get(c)
+    return values
 
 
 def utc_from_epoch(epoch: float) -> datetime:

@@ -38,6 +38,7 @@ from rawtransfer.catalog.base import (
     Row,
     State,
     VerifiedCopy,
+    done_values,
     judge_existing,
     merge_handled,
     resolve_history,
@@ -529,22 +530,7 @@ class PostgresCatalog:
         reason: str,
     ) -> str | None:
         now = utcnow()
-        values: dict[str, Any] = {
-            "sha1_hash": sha1,
-            "source_filepath": facts.source_filepath,
-            "file_created_at": facts.file_created_at,
-            "file_transferred_at": transferred_at,
-            "filepath": filepath,
-            "state": State.DONE.value,
-            "raw_sha1": facts.raw_sha1,
-            "raw_size": facts.raw_size,
-            "packed_size": facts.packed_size,
-            "obs_date": facts.obs_date,
-            "verified_at": now,
-            "updated_at": now,
-        }
-        for c in self.metadata_columns:
-            values[c] = facts.metadata.get(c)
+        values = done_values(sha1, facts, filepath, transferred_at, now, self.metadata_columns)
         insert = sql.SQL(
             "insert into {t} ({cols}) values ({vals}) on conflict (sha1_hash) do nothing"
         ).format(

@@ -34,6 +34,7 @@ from rawtransfer.catalog.base import (
     Row,
     State,
     VerifiedCopy,
+    done_values,
     identifier,
     judge_existing,
     merge_done_rows,
@@ -75,6 +76,15 @@ def _ident(name: str) -> str:
 
 def _ts(value: datetime | None) -> str | None:
     return value.isoformat(sep=" ") if value is not None else None
+
+
+def _sql_value(value: Any) -> Any:
+    """A Python value as this catalog stores it: times and days as ISO text."""
+    if isinstance(value, datetime):
+        return _ts(value)
+    if isinstance(value, date):
+        return value.isoformat()
+    return value
 
 
 def _events(rows: Iterable[Any]) -> Iterator[tuple[str, datetime, str, str | None]]:
@@ -484,22 +494,12 @@ class SqliteCatalog:
         reason: str,
     ) -> str | None:
         now = utcnow()
-        values: dict[str, Any] = {
-            "sha1_hash": sha1,
-            "source_filepath": facts.source_filepath,
-            "file_created_at": _ts(facts.file_created_at),
-            "file_transferred_at": _ts(transferred_at),
-            "filepath": filepath,
-            "state": State.DONE.value,
-            "raw_sha1": facts.raw_sha1,
-            "raw_size": facts.raw_size,
-            "packed_size": facts.packed_size,
-            "obs_date": facts.obs_date.isoformat() if facts.obs_date else None,
-            "verified_at": _ts(now),
-            "updated_at": _ts(now),
+        values = {
+            k: _sql_value(v)
+            for k, v in done_values(
+                sha1, facts, filepath, transferred_at, now, self.metadata_columns
+            ).items()
         }
-        for c in self.metadata_columns:
-            values[c] = facts.metadata.get(c)
         cols = ", ".join(_ident(c) for c in values)
         with self._write():
             cur = self._x(
@@ -636,29 +636,26 @@ class SqliteCatalog:
 
     # for resolve_history, with the lock held
     def _lookup_rows(self, column: str, values: list[str]) -> list[Row]:
-        out: list[Row] = []
-        for i in range(0, len(values), 500):  # SQLite's limit on parameters
-            chunk = values[i : i + 500]
-            found = self._x(
-                f"select {ROW_SELECT} from {self.t} "
-                f"where {_LOOKUP[column]} in ({','.join('?' * len(chunk))})",
-                tuple(chunk),
-            ).fetchall()
-            out += [_row(r) for r in found]
-        return out
+        return [
+            _row(r) for r in self._where_in(f"select {ROW_SELECT} from {self.t}", column, values)
+        ]
 
     def _lookup_events(self, column: str, values: list[str]) -> list[Event]:
         if column not in _EVENT_LOOKUP:
             raise ValueError(f"events cannot be looked up by {column}")
-        out: list[Event] = []
+        found = self._where_in(f"select {EVENT_SELECT} from {self.ev}", column, values)
+        return [_event(r) for r in found]
+
+    def _where_in(self, select: str, column: str, values: list[str]) -> list[Any]:
+        """``select ... where COLUMN in (values)``, 500 values a query (SQLite's limit on
+        parameters)."""
+        out: list[Any] = []
         for i in range(0, len(values), 500):
             chunk = values[i : i + 500]
-            found = self._x(
-                f"select {EVENT_SELECT} from {self.ev} "
-                f"where {_LOOKUP[column]} in ({','.join('?' * len(chunk))})",
+            out += self._x(
+                f"{select} where {_LOOKUP[column]} in ({','.join('?' * len(chunk))})",
                 tuple(chunk),
             ).fetchall()
-            out += [_event(r) for r in found]
         return out
 
     def _event(
