@@ -1,6 +1,6 @@
 """process_one: the steps for one file, in order, short enough to read at once.
 
-    settle -> snapshot -> check -> place -> pack (raw and packed SHA1 as the bytes go by)
+    settle -> snapshot -> check -> place -> pack (raw SHA1 meanwhile, packed SHA1 as it streams)
     -> claim -> copy -> verify -> record
 
 Every step reads one snapshot of the file (steps/snapshot.py), which is compared with
@@ -265,7 +265,7 @@ def _process(a: Attempt, ctx: Context, closed: bool) -> Outcome:
         if is_full(exc):
             raise ctx.spool.full(snap.size, exc) from None
         raise
-    # the hashes were taken as the bytes went through: one read of the raw file
+    # both hashes were taken while packing: the raw one while fpack read the same inode
     packed, sha1 = result.path, result.sha1
     a.raw_sha1 = raw_sha1 = result.raw_sha1
     try:

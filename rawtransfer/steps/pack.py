@@ -59,8 +59,8 @@ Layout = list[tuple[fits.Header, int]]
 @dataclass(frozen=True)
 class Packed:
     """A packed file in the spool, its SHA1, and the SHA1 of the raw bytes it came from
-    (both computed as the bytes went by: the raw file is read once for its hash and for
-    fpack, and the packed one is never read again to be hashed)."""
+    (the raw SHA1 taken while fpack reads the same inode, the packed one as fpack's
+    output went by: the packed file is never read again to be hashed)."""
 
     path: Path
     sha1: str
